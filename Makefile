@@ -1,0 +1,53 @@
+# klvae: `make demo` trains and reports on the embedded photos, `make test` runs every test.
+# Each target creates .venv from pyproject.toml when it is missing or older than pyproject.toml.
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.klvae-installed
+# torch is pinned to the build these machines install from local files; CUDA machines take the same wheel.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv test sync nbtest pytest demo reports lab bench readme clean
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $@
+
+# notebooks must be clean and klvae/ exactly what they export: both checked without relying on git state
+sync: venv
+	@tmp=$$(mktemp -d); cp -r nbs klvae $$tmp/; \
+	$(BIN)/nbdev-clean && $(BIN)/nbdev-export; \
+	if ! diff -r -q -x __pycache__ -x .ipynb_checkpoints $$tmp/nbs nbs || ! diff -r -q -x __pycache__ $$tmp/klvae klvae; then \
+	  echo "FAIL: nbdev-clean or nbdev-export changed the files above: notebooks and klvae/ are out of sync. Review the diff and commit it."; exit 1; fi; \
+	echo "notebooks clean, klvae/ in sync"
+
+nbtest: venv
+	$(BIN)/nbdev-test --n-workers 2 --timing
+
+pytest: venv
+	$(BIN)/pytest tests -q -ra
+
+test: sync nbtest pytest
+
+demo: venv
+	$(BIN)/python -m klvae.demo
+
+reports: venv
+	$(BIN)/python -m klvae.reports
+
+lab: venv
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+bench: venv
+	$(BIN)/python bench/bench_model.py
+
+# README.md is generated from nbs/index.ipynb (Quarto is not available; nbconvert renders the markdown)
+readme: venv
+	$(BIN)/jupyter nbconvert --to markdown --log-level WARN nbs/index.ipynb --output-dir . --output README
+
+clean:
+	rm -rf $(VENV) _proc _docs
