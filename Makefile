@@ -33,17 +33,20 @@ pytest: venv
 
 test: sync nbtest pytest
 
+# the main job: train the `cpu` preset on the embedded photos, evaluate the held-out photos, write reports/demo.html
 demo: venv
-	$(BIN)/python -m klvae.demo
+	$(BIN)/python -m klvae.report
 
+# the notebooks, with their outputs, as offline HTML pages in reports/
 reports: venv
-	$(BIN)/python -m klvae.reports
+	$(BIN)/jupyter nbconvert --to html --log-level WARN --output-dir reports nbs/*.ipynb
 
 lab: venv
 	$(BIN)/jupyter lab --notebook-dir=nbs
 
 bench: venv
 	$(BIN)/python bench/bench_model.py
+	$(BIN)/python bench/bench_train.py
 
 # README.md is generated from nbs/index.ipynb (Quarto is not available; nbconvert renders the markdown)
 readme: venv

@@ -6,7 +6,11 @@ from klvae.model import VAEConfig, PRESETS, DiagonalGaussian, AutoencoderKL
 
 Modules:
 
+- `klvae.checkpoints`: Load and save KL autoencoder weights in the diffusers and CompVis layouts, without ever running code from a pickle.
 - `klvae.config`: The workbench's settings: where data, runs, reports and weight files live, read once from `settings.ini` and the environment.
+- `klvae.data`: Training and evaluation images as float tensors in [-1, 1]: the photographs shipped with scikit-image, any folder of images, and OpenImages v7.
+- `klvae.losses`: Reconstruction, LPIPS, KL and adversarial losses of the KL autoencoder, the PatchGAN discriminator, and which network each step trains.
+- `klvae.metrics`: PSNR, SSIM, LPIPS and rFID of reconstructions under the Table 8 protocol, and `evaluate()` returning one row per image.
 - `klvae.model`: Encoder, decoder and diagonal-Gaussian posterior of the KL-f8 autoencoder, weight-compatible with CompVis and Stable Diffusion."""
 
 __version__ = "0.0.1"

@@ -17,12 +17,12 @@ Docs: https://github.com/klvae/klvae/model.html.md"""
 __all__ = ['PRESETS', 'VAEConfig', 'Normalize', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'Encoder', 'Decoder',
            'DiagonalGaussian', 'AutoencoderKL']
 
-# %% ../nbs/01_model.ipynb #101b298e
+# %% ../nbs/01_model.ipynb #3b6a11ec
 from dataclasses import dataclass, asdict, replace
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# %% ../nbs/01_model.ipynb #ba6631de
+# %% ../nbs/01_model.ipynb #5f2f7c6b
 @dataclass(frozen=True)
 class VAEConfig:
     "Hyperparameters of an LDM KL autoencoder (defaults: kl-f8, `autoencoder_kl_32x32x4.yaml`)"
@@ -44,7 +44,7 @@ class VAEConfig:
     @property
     def downsample_factor(self): return 2**(len(self.ch_mult)-1)
 
-# %% ../nbs/01_model.ipynb #ae8a54a8
+# %% ../nbs/01_model.ipynb #71dfc3e9
 PRESETS = {
     'kl-f8':  VAEConfig(),
     'kl-f4':  VAEConfig(ch_mult=(1, 2, 4), z_channels=3, embed_dim=3),
@@ -54,7 +54,7 @@ PRESETS = {
     'tiny':   VAEConfig(resolution=32, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
 }
 
-# %% ../nbs/01_model.ipynb #6ae81de0
+# %% ../nbs/01_model.ipynb #0b1e06bd
 def Normalize(c): return nn.GroupNorm(32, c, eps=1e-6, affine=True)
 
 class ResnetBlock(nn.Module):
@@ -69,11 +69,11 @@ class ResnetBlock(nn.Module):
         if in_channels != out_channels: self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
+        return h.add_(self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x)
 
-# %% ../nbs/01_model.ipynb #26b7b10e
+# %% ../nbs/01_model.ipynb #b8b3b8d9
 class AttnBlock(nn.Module):
     "Single-head spatial self-attention with a residual connection"
     def __init__(self, in_channels:int):
@@ -86,9 +86,9 @@ class AttnBlock(nn.Module):
         hn = self.norm(x)
         q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q(hn), self.k(hn), self.v(hn)))  # b,1,hw,c
         out = F.scaled_dot_product_attention(q, k, v)                                           # b,1,hw,c
-        return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
+        return self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)).add_(x)
 
-# %% ../nbs/01_model.ipynb #1e248825
+# %% ../nbs/01_model.ipynb #f2629421
 class Downsample(nn.Module):
     "Halve the resolution: pad (0,1,0,1), then a stride-2 3x3 conv"
     def __init__(self, c:int):
@@ -96,14 +96,21 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, stride=2)
     def forward(self, x): return self.conv(F.pad(x, (0, 1, 0, 1)))
 
+def _fold_taps(w, dim):
+    "Per-axis taps of the stride-2 transposed conv equal to nearest x2 then a 3-tap conv: (w2, w1+w2, w0+w1, w0)"
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
 class Upsample(nn.Module):
-    "Double the resolution: nearest-neighbour x2, then a 3x3 conv"
+    "Double the resolution: nearest-neighbour x2, then a 3x3 conv (computed as one transposed conv)"
     def __init__(self, c:int):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
-    def forward(self, x): return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+    def forward(self, x):
+        k = _fold_taps(_fold_taps(self.conv.weight, 2), 3).transpose(0, 1)  # (in, out, 4, 4) as conv_transpose2d wants
+        return F.conv_transpose2d(x, k.contiguous(memory_format=torch.channels_last), self.conv.bias, stride=2, padding=1)
 
-# %% ../nbs/01_model.ipynb #4158aea5
+# %% ../nbs/01_model.ipynb #4d9d16ea
 def _run(module, x, ckpt:bool):
     "Apply `module`, recomputing its activations in backward when gradient checkpointing is on"
     return checkpoint(module, x, use_reentrant=False) if ckpt and torch.is_grad_enabled() else module(x)
@@ -119,7 +126,7 @@ def _level(blocks, attns, resample=None):
     if resample is not None: setattr(lvl, 'downsample' if isinstance(resample, Downsample) else 'upsample', resample)
     return lvl
 
-# %% ../nbs/01_model.ipynb #e25df13b
+# %% ../nbs/01_model.ipynb #d1cc4025
 class Encoder(nn.Module):
     "Image (B,3,H,W) -> moments (B,2z,H/f,W/f)"
     def __init__(self, cfg:VAEConfig):
@@ -148,9 +155,9 @@ class Encoder(nn.Module):
                 if len(lvl.attn): h = _run(lvl.attn[j], h, ck)
             if hasattr(lvl, 'downsample'): h = lvl.downsample(h)
         h = _run(self.mid.block_2, _run(self.mid.attn_1, _run(self.mid.block_1, h, ck), ck), ck)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
-# %% ../nbs/01_model.ipynb #f3794841
+# %% ../nbs/01_model.ipynb #ddf9343e
 class Decoder(nn.Module):
     "Latent (B,z,h,w) -> image (B,3,h*f,w*f)"
     def __init__(self, cfg:VAEConfig):
@@ -181,9 +188,9 @@ class Decoder(nn.Module):
                 h = _run(blk, h, ck)
                 if len(lvl.attn): h = _run(lvl.attn[j], h, ck)
             if hasattr(lvl, 'upsample'): h = lvl.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
-# %% ../nbs/01_model.ipynb #d1d938a8
+# %% ../nbs/01_model.ipynb #5771f1c7
 class DiagonalGaussian:
     "Diagonal Gaussian posterior q(z|x) from the encoder's moments (B, 2z, h, w)"
     def __init__(self, moments:torch.Tensor):
@@ -204,7 +211,7 @@ class DiagonalGaussian:
 
     def __repr__(self): return f"DiagonalGaussian(shape={tuple(self.mean.shape)})"
 
-# %% ../nbs/01_model.ipynb #884670ae
+# %% ../nbs/01_model.ipynb #30e1531a
 class AutoencoderKL(nn.Module):
     "The LDM KL autoencoder: encoder -> quant_conv -> posterior; post_quant_conv -> decoder"
     def __init__(self, config:VAEConfig=VAEConfig()):
