@@ -2,6 +2,7 @@
 
 ```python
 from klvae.model import VAEConfig, PRESETS, DiagonalGaussian, AutoencoderKL
+from klvae import checkpoints  # attaches AutoencoderKL.from_pretrained and .save_pretrained
 ```
 
 Modules:
@@ -25,3 +26,4 @@ __all__ = []
 
 # %% ../nbs/index.ipynb #f1ab74fb
 from .model import VAEConfig, PRESETS, DiagonalGaussian, AutoencoderKL
+from . import checkpoints  # attaches AutoencoderKL.from_pretrained and .save_pretrained

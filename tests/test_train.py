@@ -1,0 +1,221 @@
+"""The trainer as processes: the CLI, DDP over gloo on CPU (torchrun, notebook_launcher), SIGKILL + resume, the non-finite
+guard, gradient accumulation and bf16 autocast. Every run is the tiny model of the `ci` preset at 32x32 on the embedded photos."""
+import os, sys, json, time, signal, subprocess, textwrap
+from pathlib import Path
+import pytest, torch
+from safetensors.torch import load_file
+from conftest import ROOT, BIN, run
+
+def weights(folder, name='diffusion_pytorch_model'):
+    "State dict of an exported VAE folder (or of a checkpoint's `name`.safetensors)"
+    return load_file(str(Path(folder)/f'{name}.safetensors'))
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+def cli(*args): return [str(BIN/'klvae-train'), *args]
+
+def log_rows(run_dir): return [json.loads(l) for l in (Path(run_dir)/'log.jsonl').read_text().splitlines()]
+
+def test_cli_ci_preset(tmp_path):
+    "The CLI trains the ci preset end to end: config, log, grids, checkpoints, a diffusers-layout export"
+    run_dir = tmp_path/'run'
+    r = run(cli('--preset', 'ci', '--run-dir', str(run_dir)))
+    assert 'klvae run' in r.stdout and 'LPIPS off: perceptual=auto' in r.stdout   # no VGG16 file on these machines
+    info = json.loads((run_dir/'config.json').read_text())
+    assert info['config']['steps'] == 6 and info['processes'] == 1 and info['perceptual'].startswith('off')
+    rows = [r for r in log_rows(run_dir) if 'trains' in r]
+    assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r['trains'] for r in rows] == ['vae']*3 + ['disc', 'vae', 'disc']      # seed recipe: alternating from disc_start=3
+    assert not any('train/d_loss' in r or 'train/g_loss' in r for r in rows[:3])    # nothing of the discriminator before it
+    assert 'train/g_loss' in rows[4] and 'train/d_loss' in rows[5]
+    ck = run_dir/'checkpoints'
+    assert sorted(p.name for p in ck.glob('step_*')) == ['step_0000003', 'step_0000006']
+    assert (ck/'latest').read_text().strip() == 'step_0000006'
+    assert sorted(p.name for p in (ck/'step_0000006').iterdir()) == ['discriminator.safetensors', 'training_state.pt', 'vae.safetensors']
+    assert len(list((run_dir/'val').glob('*.png'))) == 3
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    DiffusersAutoencoderKL.from_pretrained(run_dir/'vae')                           # the export loads in diffusers
+
+def test_cli_rejects_bad_input(tmp_path):
+    r = run(cli('--preset', 'ci', '--run-dir', str(tmp_path/'r'), '--steps', 'many'), check=False)
+    assert r.returncode == 2 and 'steps: expected int' in r.stderr
+    r = run(cli('--preset', 'nope'), check=False)
+    assert r.returncode == 2 and "no preset 'nope'" in r.stderr
+    r = run(cli('--preset', 'ci', '--run-dir', str(tmp_path/'r2'), '--resume', 'latest'), check=False)
+    assert r.returncode != 0 and 'has no checkpoint to resume' in r.stderr
+
+PROBE = textwrap.dedent('''
+    # one generator step of klvae's trainer pieces under DDP: the images each rank sees, its gradients after backward,
+    # and the SyncBatchNorm2d discriminator's output and running statistics
+    import sys, json, torch
+    from accelerate import Accelerator
+    from klvae.train import rank_batches, SyncBatchNorm2d
+    from klvae.data import EmbeddedPhotos
+    from klvae.model import AutoencoderKL, PRESETS
+    from klvae.losses import NLayerDiscriminator
+    acc = Accelerator(cpu=True)
+    data = EmbeddedPhotos('train', 32, repeats=2)
+    x = next(rank_batches(data, 2, acc.process_index, acc.num_processes))
+    torch.manual_seed(0)
+    vae, disc = AutoencoderKL(PRESETS['tiny']), SyncBatchNorm2d.convert(NLayerDiscriminator())
+    vae, disc = acc.prepare(vae, disc)
+    rec, post = vae(x, sample_posterior=False)
+    acc.backward((rec - x).pow(2).mean() + 1e-6*post.kl().mean())
+    g = torch.cat([p.grad.flatten() for p in vae.parameters()])
+    d = disc(x)
+    d.mean().backward()
+    dg = torch.cat([p.grad.flatten() for p in disc.parameters()])
+    bn = disc.module.main[3]
+    out = dict(world=acc.num_processes, x=x.tolist(), grad=g[:4000].tolist(), d=d.tolist(), dgrad=dg[:4000].tolist(),
+               running_mean=bn.running_mean.tolist(), running_var=bn.running_var.tolist())
+    json.dump(out, open(sys.argv[1] + f'/rank{acc.process_index}.json', 'w'))
+''')
+
+def test_ddp_two_cpu_processes(tmp_path):
+    "torchrun, 2 gloo processes: disjoint shards, identical all-reduced gradients, BatchNorm over the global batch"
+    (tmp_path/'probe.py').write_text(PROBE)
+    run([str(BIN/'torchrun'), '--nproc_per_node', '2', '--master_port', '29531', str(tmp_path/'probe.py'), str(tmp_path)])
+    r0, r1 = (json.loads((tmp_path/f'rank{i}.json').read_text()) for i in (0, 1))
+    assert r0['world'] == r1['world'] == 2
+    x0, x1 = torch.tensor(r0['x']), torch.tensor(r1['x'])
+    assert not any(torch.equal(a, b) for a in x0 for b in x1)                   # no image on both ranks
+    g0, g1 = torch.tensor(r0['grad']), torch.tensor(r1['grad'])
+    assert g0.abs().sum() > 0 and torch.allclose(g0, g1, atol=1e-7)            # all-reduced
+    # SyncBatchNorm2d on 2 ranks == nn.BatchNorm2d on both ranks' images in one batch
+    from klvae.losses import NLayerDiscriminator
+    torch.manual_seed(0)
+    from klvae.model import AutoencoderKL, PRESETS
+    AutoencoderKL(PRESETS['tiny'])                                              # same RNG draws as the probe
+    disc = NLayerDiscriminator().train()
+    d = disc(torch.cat([x0, x1]))
+    assert torch.allclose(torch.cat([torch.tensor(r0['d']), torch.tensor(r1['d'])]), d, atol=1e-4)
+    bn = disc.main[3]
+    assert torch.allclose(torch.tensor(r0['running_mean']), bn.running_mean, atol=1e-5)
+    assert torch.allclose(torch.tensor(r1['running_var']), bn.running_var, atol=1e-4)
+    d.mean().backward()                                                         # DDP averages each rank's mean over half the patches
+    dg = torch.cat([p.grad.flatten() for p in disc.parameters()])[:4000]
+    assert torch.allclose(torch.tensor(r0['dgrad']), dg, atol=1e-5) and torch.allclose(torch.tensor(r1['dgrad']), dg, atol=1e-5)
+
+COMMON = ['--preset', 'ci', '--disc-start', '1000', '--sample-posterior', 'false', '--steps', '4', '--val-every', '0', '--ckpt-every', '0', '--perceptual', 'off']
+
+def reconstruct(vae_dir):
+    "Posterior-mean reconstructions of the held-out photos by an exported VAE"
+    from klvae.model import AutoencoderKL
+    from klvae.data import EmbeddedPhotos
+    x = torch.stack([EmbeddedPhotos('val', 32, train=False)[i] for i in range(2)])
+    with torch.no_grad(): return AutoencoderKL.from_pretrained(vae_dir)(x, sample_posterior=False)[0]
+
+def assert_same_steps(a_rows, b_rows):
+    "Same losses and gradient norms step by step: to float32 rounding on step 1 (same weights), closely after it"
+    assert len(a_rows) == len(b_rows)
+    for a, b in zip(a_rows, b_rows):
+        tol = 1e-6 if a['step'] == 1 else 1e-4
+        for k in ('train/rec_loss', 'train/kl_loss', 'train/grad_norm_vae'):
+            assert abs(a[k] - b[k]) <= tol*abs(a[k]), (k, a, b)
+
+def test_two_processes_match_one(tmp_path):
+    """The real loop: 2 processes x batch 1 train what 1 process x batch 2 trains (same global batch, posterior mean).
+    Compared: each step's losses and all-reduced gradient norm, and the trained models' reconstructions. Not compared
+    element by element: the weights, because conv biases that feed a GroupNorm have a gradient that is zero up to
+    rounding, and Adam turns its sign (which depends on summation order) into a step of +-lr."""
+    run(cli(*COMMON, '--batch-size', '2', '--run-dir', str(tmp_path/'one')))
+    run([str(BIN/'torchrun'), '--nproc_per_node', '2', '--master_port', '29532', '-m', 'klvae.train',
+         *COMMON, '--batch-size', '1', '--run-dir', str(tmp_path/'two')])
+    info = json.loads((tmp_path/'two'/'config.json').read_text())
+    assert info['processes'] == 2 and info['global_batch'] == 2
+    one, two = ([r for r in log_rows(tmp_path/d) if 'trains' in r] for d in ('one', 'two'))
+    assert [r['step'] for r in two] == [1, 2, 3, 4]                                    # one writer: no row twice
+    assert sorted(p.name for p in (tmp_path/'two'/'checkpoints').iterdir()) == ['latest', 'step_0000004']
+    assert_same_steps(one, two)
+    d = (reconstruct(tmp_path/'one'/'vae') - reconstruct(tmp_path/'two'/'vae')).abs().max().item()
+    assert d < 2e-3, d                                                                  # images in [-1, 1]: < 1/4 of an 8-bit level
+
+def test_gradient_accumulation_matches_batch(tmp_path):
+    "batch 1 x 2 accumulation steps trains the weights of batch 2 in one step"
+    run(cli(*COMMON, '--batch-size', '2', '--run-dir', str(tmp_path/'b2')))
+    run(cli(*COMMON, '--batch-size', '1', '--grad-accum', '2', '--run-dir', str(tmp_path/'acc')))
+    one, acc = ([r for r in log_rows(tmp_path/d) if 'trains' in r] for d in ('b2', 'acc'))
+    assert_same_steps(one, acc)
+    d = (reconstruct(tmp_path/'b2'/'vae') - reconstruct(tmp_path/'acc'/'vae')).abs().max().item()
+    assert d < 2e-3, d
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    "Kill a run with SIGKILL after a checkpoint; resuming gives the VAE, discriminator and EMA of an uninterrupted run"
+    common = ['--preset', 'ci', '--steps', '8', '--ckpt-every', '2', '--keep-ckpts', '2', '--ema-decay', '0.9', '--perceptual', 'off']
+    run(cli(*common, '--run-dir', str(tmp_path/'full')))
+    killed = tmp_path/'killed'
+    p = subprocess.Popen(cli(*common, '--run-dir', str(killed)), cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, t0 = killed/'checkpoints'/'latest', time.time()
+    while not latest.exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    first = latest.read_text().strip()
+    assert first != 'step_0000008', 'the run finished before it could be killed'
+    run(cli(*common, '--run-dir', str(killed), '--resume', 'latest'))
+    assert latest.read_text().strip() == 'step_0000008'                                 # numbering continued
+    assert sorted(p.name for p in (killed/'checkpoints').glob('step_*')) == ['step_0000006', 'step_0000008']  # keep 2
+    assert max_diff(weights(tmp_path/'full'/'vae'), weights(killed/'vae')) == 0          # the EMA export, bitwise
+    for f in ('vae', 'discriminator', 'ema'):
+        assert max_diff(weights(tmp_path/'full'/'checkpoints'/'step_0000008', f), weights(latest.parent/'step_0000008', f)) == 0, f
+    steps = [r['step'] for r in log_rows(killed) if 'trains' in r]
+    assert steps == list(range(1, 9))                                                   # no duplicated or missing rows
+
+def test_checkpoint_reloads_every_network(tmp_path):
+    "A checkpoint holds what the run had: the exported VAE is the EMA; the discriminator and optimizers load back"
+    from klvae.train import train, train_config, load_checkpoint, find_checkpoint, EMA
+    from klvae.model import AutoencoderKL, PRESETS
+    from klvae.losses import NLayerDiscriminator
+    run_dir = train(train_config('ci', run_dir=str(tmp_path/'r'), perceptual='off', ema_decay=0.5, val_every=0))
+    nets, state = load_checkpoint(find_checkpoint('latest', run_dir))
+    assert state['step'] == 6 and len(state['optimizers']) == len(state['schedulers']) == 2
+    assert state['schedulers'][0]['last_epoch'] == 6
+    vae = AutoencoderKL(PRESETS['tiny']); vae.load_state_dict(nets['vae'])
+    disc = NLayerDiscriminator(); disc.load_state_dict(nets['discriminator'])
+    assert disc.main[3].num_batches_tracked.item() > 0                                 # it trained from disc_start
+    exported = AutoencoderKL.from_pretrained(run_dir/'vae').state_dict()
+    assert all(torch.equal(exported[k], nets['ema'][k]) for k in exported)             # EMA weights exported
+    assert max_diff(exported, nets['vae']) > 0                                         # ... which differ from the online VAE
+    opt = torch.optim.Adam(vae.parameters()); opt.load_state_dict(state['optimizers'][0])
+    assert all(v.dtype == torch.float32 for v in nets['vae'].values())
+
+class NaNAt(torch.utils.data.Dataset):
+    "Random images, NaN at the given indices"
+    def __init__(self, n, bad): self.n, self.bad = n, set(bad)
+    def __len__(self): return self.n
+    def __getitem__(self, i):
+        x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i))*2 - 1
+        return x*float('nan') if i in self.bad else x
+
+def test_nonfinite_guard(tmp_path):
+    from klvae.train import train, train_config, read_log
+    # every image NaN: the run stops after max_nonfinite skipped steps, and writes no checkpoint
+    cfg = train_config('ci', run_dir=str(tmp_path/'all'), perceptual='off', batch_size=1, max_nonfinite=3)
+    with pytest.raises(FloatingPointError, match='3 non-finite losses in a row'):
+        train(cfg, train_data=NaNAt(8, range(8)))
+    assert not list((tmp_path/'all'/'checkpoints').glob('step_*'))
+    assert read_log(tmp_path/'all')['nonfinite'].sum() == 3
+    # one NaN image: that step is skipped and counted, the run finishes with finite weights
+    cfg = train_config('ci', run_dir=str(tmp_path/'one'), perceptual='off', batch_size=1, repeats=1)
+    run_dir = train(cfg, train_data=NaNAt(6, [3]))   # 6 steps of batch 1 see each image once
+    log = read_log(run_dir)
+    assert log['nonfinite'].sum() == 1
+    assert all(torch.isfinite(v).all() for v in weights(run_dir/'vae').values())
+
+def test_bf16_autocast_keeps_fp32_weights(tmp_path):
+    r = run(cli('--preset', 'ci', '--run-dir', str(tmp_path/'bf16'), '--mixed-precision', 'bf16', '--perceptual', 'off'))
+    rows = [r for r in log_rows(tmp_path/'bf16') if 'trains' in r]
+    assert len(rows) == 6 and not any(r['nonfinite'] for r in rows)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights(tmp_path/'bf16'/'vae').values())
+
+def test_notebook_launcher_two_processes(tmp_path):
+    script = textwrap.dedent(f'''
+        from accelerate import notebook_launcher
+        from klvae.train import train, train_config
+        notebook_launcher(train, (train_config('ci', run_dir={str(tmp_path/'nl')!r}, perceptual='off'),), num_processes=2, use_port='29533')
+    ''')
+    run([sys.executable, '-c', script])
+    info = json.loads((tmp_path/'nl'/'config.json').read_text())
+    assert info['processes'] == 2 and (tmp_path/'nl'/'vae'/'config.json').is_file()
+    assert [r['step'] for r in log_rows(tmp_path/'nl') if 'trains' in r] == [1, 2, 3, 4, 5, 6]
