@@ -35,7 +35,7 @@ test: sync nbtest pytest
 
 # the main job: train the `cpu` preset on the embedded photos, evaluate the held-out photos, write reports/demo.html
 demo: venv
-	$(BIN)/python -m klvae.report
+	$(BIN)/python -m klvae.demo
 
 # the notebooks, with their outputs, as offline HTML pages in reports/
 reports: venv
@@ -50,7 +50,8 @@ bench: venv
 
 # README.md is generated from nbs/index.ipynb (Quarto is not available; nbconvert renders the markdown)
 readme: venv
-	$(BIN)/jupyter nbconvert --to markdown --log-level WARN nbs/index.ipynb --output-dir . --output README
+	$(BIN)/jupyter nbconvert --to markdown --log-level WARN nbs/index.ipynb --output-dir . --output README \
+	  --RegexRemovePreprocessor.enabled=True --RegexRemovePreprocessor.patterns="['^#\\| ?(hide|default_exp|export)']"
 
 clean:
 	rm -rf $(VENV) _proc _docs

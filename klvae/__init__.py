@@ -24,6 +24,6 @@ Docs: https://github.com/klvae/klvae/index.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/index.ipynb #f1ab74fb
+# %% ../nbs/index.ipynb #3373ba40
 from .model import VAEConfig, PRESETS, DiagonalGaussian, AutoencoderKL
 from . import checkpoints  # attaches AutoencoderKL.from_pretrained and .save_pretrained

@@ -96,7 +96,8 @@ class NLayerDiscriminator(nn.Module):
 def adaptive_disc_weight(nll_loss:torch.Tensor,    # reconstruction (+ perceptual) loss, a scalar with its graph
                          g_loss:torch.Tensor,      # generator adversarial loss, a scalar with its graph
                          last_layer:torch.Tensor,  # the decoder's last weight, `AutoencoderKL.last_layer`
-                         disc_weight:float=1.0     # recipe factor on the ratio (seed 1.0, ldm 0.5)
+                         disc_weight:float=1.0,    # recipe factor on the ratio (seed 1.0, ldm 0.5)
+                         grad_mean=None            # under DDP: mean of a tensor over processes, so the weight is the global batch's
                         )->torch.Tensor:
     "`disc_weight * ||∇nll|| / (||∇g|| + 1e-4)` at `last_layer`, in float32, clamped to [0, 1e4] and detached"
     if not (nll_loss.requires_grad and g_loss.requires_grad and last_layer.requires_grad):
@@ -104,6 +105,7 @@ def adaptive_disc_weight(nll_loss:torch.Tensor,    # reconstruction (+ perceptua
                          "(pass `AutoencoderKL.last_layer`, outside torch.no_grad()).")
     nll_grad, = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
     g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    if grad_mean is not None: nll_grad, g_grad = grad_mean(nll_grad), grad_mean(g_grad)  # the gradients DDP will apply
     ratio = torch.linalg.vector_norm(nll_grad.float()) / (torch.linalg.vector_norm(g_grad.float()) + 1e-4)
     return ratio.clamp(0.0, 1e4).detach()*disc_weight
 
@@ -160,8 +162,10 @@ def _frozen_call(module:nn.Module, x:torch.Tensor)->torch.Tensor:
 class VAELoss(nn.Module):
     "A recipe's objective, one method per network: `generator_loss` (VAE step) and `discriminator_loss` (disc step)"
     def __init__(self, recipe:Recipe,               # the numbers, e.g. RECIPES['seed']
-                 perceptual:nn.Module|None):        # frozen LPIPS (`lpips_vgg()`), or None to leave the LPIPS term out
+                 perceptual:nn.Module|None,         # frozen LPIPS (`lpips_vgg()`), or None to leave the LPIPS term out
+                 grad_mean=None):                   # under DDP: mean over processes, for the adaptive weight (see adaptive_disc_weight)
         super().__init__()
+        self.grad_mean = grad_mean
         if perceptual is not None and any(p.requires_grad for p in perceptual.parameters()):
             raise ValueError("the perceptual network must be frozen: pass lpips_vgg(), or call .requires_grad_(False) on it")
         self.recipe, self.perceptual, self.d_loss = recipe, perceptual, D_LOSSES[recipe.disc_loss]
@@ -203,7 +207,7 @@ class VAELoss(nn.Module):
         if r.disc_on(step):
             logits_fake = _frozen_call(discriminator, rec).float()
             g_loss = -logits_fake.mean()
-            d_weight = adaptive_disc_weight(nll_loss, g_loss, last_layer, r.disc_weight)
+            d_weight = adaptive_disc_weight(nll_loss, g_loss, last_layer, r.disc_weight, self.grad_mean)
             loss = loss + d_weight*r.disc_factor*g_loss
             logs |= dict(g_loss=g_loss, logits_fake=logits_fake.mean(), disc_weight=d_weight, disc_factor=torch.tensor(r.disc_factor))
         else: logs |= dict(disc_weight=torch.tensor(0.0), disc_factor=torch.tensor(0.0))

@@ -9,7 +9,7 @@ __all__ = ['CKPT_FILES', 'TrainConfig', 'parse_value', 'train_config', 'lr_facto
            'SyncBatchNorm2d', 'EMA', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'read_log', 'validate',
            'train', 'cli_parser', 'main']
 
-# %% ../nbs/06_train.ipynb #cc732064
+# %% ../nbs/06_train.ipynb #9d20a5c9
 import argparse, contextlib, importlib, inspect, json, math, os, re, shutil, sys, time, warnings
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -25,7 +25,7 @@ from .losses import RECIPES, D_LOSSES, NLayerDiscriminator, VAELoss, lpips_vgg, 
 from .data import EmbeddedPhotos, ImageFolder, VAL_PHOTOS, image_grid, item_generator, to_uint8
 from .metrics import psnr, ssim
 
-# %% ../nbs/06_train.ipynb #0da5be54
+# %% ../nbs/06_train.ipynb #27cc69f9
 @dataclass(frozen=True)
 class TrainConfig:
     "A training run's settings; the defaults are the paper's kl-f8 run (`autoencoder_kl_32x32x4.yaml`)"
@@ -41,6 +41,7 @@ class TrainConfig:
     data: str = 'embedded'          # training images: 'embedded' (scikit-image photos, train split) or an image folder
     val_data: str = 'embedded'      # validation: 'embedded' (fixed crops of the held-out photos) or an image folder
     resolution: int = 256           # square crop size, a multiple of 8
+    zoom: float = 1.5               # training crops come from images resized to short side zoom*resolution (384 for 256, as LDM); 0: native size
     repeats: int = 1                # items per image per epoch (for small datasets)
     num_workers: int = 4            # DataLoader worker processes per training process
     # optimisation
@@ -76,9 +77,10 @@ class TrainConfig:
         for k in ('num_workers', 'warmup_steps', 'val_every', 'ckpt_every', 'seed'):
             if getattr(self, k) < 0: raise ValueError(f"TrainConfig {k}={getattr(self, k)}; it must be >= 0")
         if self.resolution % 8: raise ValueError(f"TrainConfig resolution={self.resolution}; it must be a multiple of 8")
+        if self.zoom and self.zoom < 1: raise ValueError(f"TrainConfig zoom={self.zoom}; it must be >= 1 (the crop must fit), or 0 for native size")
         if not 0 <= self.ema_decay < 1: raise ValueError(f"TrainConfig ema_decay={self.ema_decay}; it must be in [0, 1)")
 
-# %% ../nbs/06_train.ipynb #d65fe2d1
+# %% ../nbs/06_train.ipynb #ac2e48c8
 def parse_value(name:str, raw:str):
     "The `TrainConfig` field `name` parsed from the string `raw`"
     types = {f.name: f.type for f in fields(TrainConfig)}
@@ -106,7 +108,7 @@ def train_config(preset:str|None=None, # a `[preset.NAME]` of settings.ini: ci, 
     vals |= {k: parse_value(k, v) if isinstance(v, str) else v for k, v in overrides.items()}
     return TrainConfig(**vals)
 
-# %% ../nbs/06_train.ipynb #32134862
+# %% ../nbs/06_train.ipynb #473da6c2
 def lr_factor(step:int, cfg:TrainConfig)->float:
     "Multiplier of the learning rate at 0-based `step`: linear warmup, then constant or cosine to 0 at `cfg.steps`"
     if step < cfg.warmup_steps: return (step + 1)/cfg.warmup_steps
@@ -114,7 +116,7 @@ def lr_factor(step:int, cfg:TrainConfig)->float:
     t = (step - cfg.warmup_steps)/max(1, cfg.steps - cfg.warmup_steps)
     return 0.5*(1 + math.cos(math.pi*min(t, 1.0)))
 
-# %% ../nbs/06_train.ipynb #252c3da0
+# %% ../nbs/06_train.ipynb #5515fc69
 def rank_batches(data,                 # Dataset of (3, H, W) images
                  batch_size:int,       # images per process per micro-batch
                  rank:int=0,           # this process's index
@@ -140,17 +142,17 @@ def rank_batches(data,                 # Dataset of (3, H, W) images
         yield from loader
         k = (epoch + 1)*per_epoch
 
-# %% ../nbs/06_train.ipynb #87e342ed
+# %% ../nbs/06_train.ipynb #650a9561
 def make_dataset(spec:str,          # 'embedded' or an image folder
                  cfg:TrainConfig,
                  train:bool):       # training images (True) or validation images (False)
     "The training or validation images that `spec` names"
     if spec == 'embedded':
-        if train: return EmbeddedPhotos('train', cfg.resolution, train=True, repeats=cfg.repeats, seed=cfg.seed)
-        return EmbeddedPhotos('val', cfg.resolution, train=True, repeats=-(-cfg.val_images//len(VAL_PHOTOS)), seed=cfg.seed + 1)
-    return ImageFolder(spec, cfg.resolution, train=train, seed=cfg.seed, repeats=cfg.repeats if train else 1)
+        if train: return EmbeddedPhotos('train', cfg.resolution, train=True, repeats=cfg.repeats, seed=cfg.seed, zoom=cfg.zoom or None)
+        return EmbeddedPhotos('val', cfg.resolution, train=True, repeats=-(-cfg.val_images//len(VAL_PHOTOS)), seed=cfg.seed + 1, zoom=cfg.zoom or None)
+    return ImageFolder(spec, cfg.resolution, train=train, seed=cfg.seed, repeats=cfg.repeats if train else 1, zoom=cfg.zoom or None)
 
-# %% ../nbs/06_train.ipynb #c1207097
+# %% ../nbs/06_train.ipynb #908306c3
 class _AllReduceSum(torch.autograd.Function):
     "Sum over processes; its gradient is the sum of the processes' gradients, since every process's loss depends on it"
     @staticmethod
@@ -194,7 +196,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             else: cls.convert(child)
         return module
 
-# %% ../nbs/06_train.ipynb #0d959d1f
+# %% ../nbs/06_train.ipynb #e86a03b7
 class EMA:
     "Exponential moving average of a model's weights: `avg = decay * avg + (1 - decay) * w`, in float32"
     def __init__(self, model:nn.Module, decay:float):
@@ -215,7 +217,7 @@ class EMA:
         model.load_state_dict(self.shadow)
         return model
 
-# %% ../nbs/06_train.ipynb #4257cfd1
+# %% ../nbs/06_train.ipynb #6824f200
 CKPT_FILES = ('vae.safetensors', 'discriminator.safetensors', 'training_state.pt')
 
 def _write_text_atomic(path:Path, text:str):
@@ -265,7 +267,7 @@ def load_checkpoint(path:Path)->tuple[dict, dict]:
     except Exception as e: raise ValueError(f"{path}/training_state.pt is not a klvae training state (tensors and plain values): {e}") from e
     return nets, state
 
-# %% ../nbs/06_train.ipynb #5f023ecb
+# %% ../nbs/06_train.ipynb #de207fe4
 def read_log(run_dir:str|Path)->pd.DataFrame:
     "A run's `log.jsonl` as a DataFrame: training rows (train/* columns) and validation rows (val/* columns)"
     f = Path(run_dir)/'log.jsonl'
@@ -276,7 +278,7 @@ def _truncate_log(f:Path, step:int):
     "Drop the rows a killed run wrote after the checkpoint it resumes from"
     if f.is_file(): _write_text_atomic(f, ''.join(l + '\n' for l in f.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= step))
 
-# %% ../nbs/06_train.ipynb #ad2c17ad
+# %% ../nbs/06_train.ipynb #08fa4511
 @torch.no_grad()
 def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
              x:torch.Tensor,  # fixed validation images (B, 3, H, W) in [-1, 1]
@@ -291,7 +293,7 @@ def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
     a, b = to_uint8(x.float()), to_uint8(rec)
     return {'val/psnr': psnr(a, b).mean().item(), 'val/ssim': ssim(a, b).mean().item()}
 
-# %% ../nbs/06_train.ipynb #4f2d10ca
+# %% ../nbs/06_train.ipynb #b7653a54
 def _perceptual(mode:str)->tuple:
     "The LPIPS network (or None) and a sentence saying which, for the log, the config and the report"
     if mode == 'off': return None, 'off (perceptual=off)'
@@ -325,7 +327,7 @@ def _save(acc, run, step, vae, disc, ema, opts, scheds, counters, keep):
         save_checkpoint(run/'checkpoints', step, nets, state, keep)
     acc.wait_for_everyone()
 
-# %% ../nbs/06_train.ipynb #c480e671
+# %% ../nbs/06_train.ipynb #ea00cfb8
 def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
           train_data=None,     # Dataset of (3, H, W) images in [-1, 1]; default: make_dataset(cfg.data, cfg, True)
           val_data=None,       # default: make_dataset(cfg.val_data, cfg, False)
@@ -359,7 +361,8 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
         for o, s in zip(opts, state['optimizers']): o.load_state_dict(s)
         for sc, s in zip(scheds, state['schedulers']): sc.load_state_dict(s)
         step, counters = state['step'], state['counters']
-    objective = VAELoss(recipe, perceptual).to(acc.device)
+    grad_mean = (lambda t: acc.reduce(t, 'mean')) if world > 1 else None   # the adaptive weight of the global batch
+    objective = VAELoss(recipe, perceptual, grad_mean).to(acc.device)
     vae, disc, *opts = acc.prepare(vae, disc, *opts)
     if cfg.resume and state['scaler'] and acc.scaler: acc.scaler.load_state_dict(state['scaler'])
     last_layer = acc.unwrap_model(vae).last_layer
@@ -393,7 +396,8 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     if step == 0: validate_now()
 
     in_a_row, busy, images = 0, 0.0, 0
-    bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc='train', dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc='train', dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)   # a log file gets a line every 30 s, not every step
     while step < cfg.steps:
         t0 = time.perf_counter()
         torch.manual_seed(item_generator(cfg.seed, step, rank).initial_seed())   # posterior noise, dropout
@@ -464,7 +468,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     acc.end_training()
     return run
 
-# %% ../nbs/06_train.ipynb #42a03413
+# %% ../nbs/06_train.ipynb #0be16ad7
 def _field_help()->dict:
     "Each TrainConfig field's comment, for --help"
     src = inspect.getsource(importlib.import_module('klvae.train').TrainConfig)  # the exported file: a notebook class has no source
@@ -495,5 +499,5 @@ def main(argv:list|None=None):
     except (KeyError, ValueError) as e: p.error(str(e))
     train(cfg)
 
-# %% ../nbs/06_train.ipynb #d28b0718
+# %% ../nbs/06_train.ipynb #a3d944d2
 if __name__ == '__main__' and '__file__' in globals(): main()
