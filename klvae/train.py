@@ -9,7 +9,7 @@ __all__ = ['CKPT_FILES', 'TrainConfig', 'parse_value', 'train_config', 'lr_facto
            'SyncBatchNorm2d', 'EMA', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'read_log', 'validate',
            'train', 'cli_parser', 'main']
 
-# %% ../nbs/06_train.ipynb #9d20a5c9
+# %% ../nbs/06_train.ipynb #9e96d715
 import argparse, contextlib, importlib, inspect, json, math, os, re, shutil, sys, time, warnings
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -25,7 +25,7 @@ from .losses import RECIPES, D_LOSSES, NLayerDiscriminator, VAELoss, lpips_vgg, 
 from .data import EmbeddedPhotos, ImageFolder, VAL_PHOTOS, image_grid, item_generator, to_uint8
 from .metrics import psnr, ssim
 
-# %% ../nbs/06_train.ipynb #27cc69f9
+# %% ../nbs/06_train.ipynb #e2bbc674
 @dataclass(frozen=True)
 class TrainConfig:
     "A training run's settings; the defaults are the paper's kl-f8 run (`autoencoder_kl_32x32x4.yaml`)"
@@ -80,7 +80,7 @@ class TrainConfig:
         if self.zoom and self.zoom < 1: raise ValueError(f"TrainConfig zoom={self.zoom}; it must be >= 1 (the crop must fit), or 0 for native size")
         if not 0 <= self.ema_decay < 1: raise ValueError(f"TrainConfig ema_decay={self.ema_decay}; it must be in [0, 1)")
 
-# %% ../nbs/06_train.ipynb #ac2e48c8
+# %% ../nbs/06_train.ipynb #f7419e6d
 def parse_value(name:str, raw:str):
     "The `TrainConfig` field `name` parsed from the string `raw`"
     types = {f.name: f.type for f in fields(TrainConfig)}
@@ -108,7 +108,7 @@ def train_config(preset:str|None=None, # a `[preset.NAME]` of settings.ini: ci, 
     vals |= {k: parse_value(k, v) if isinstance(v, str) else v for k, v in overrides.items()}
     return TrainConfig(**vals)
 
-# %% ../nbs/06_train.ipynb #473da6c2
+# %% ../nbs/06_train.ipynb #b64a7249
 def lr_factor(step:int, cfg:TrainConfig)->float:
     "Multiplier of the learning rate at 0-based `step`: linear warmup, then constant or cosine to 0 at `cfg.steps`"
     if step < cfg.warmup_steps: return (step + 1)/cfg.warmup_steps
@@ -116,7 +116,7 @@ def lr_factor(step:int, cfg:TrainConfig)->float:
     t = (step - cfg.warmup_steps)/max(1, cfg.steps - cfg.warmup_steps)
     return 0.5*(1 + math.cos(math.pi*min(t, 1.0)))
 
-# %% ../nbs/06_train.ipynb #5515fc69
+# %% ../nbs/06_train.ipynb #bd27da66
 def rank_batches(data,                 # Dataset of (3, H, W) images
                  batch_size:int,       # images per process per micro-batch
                  rank:int=0,           # this process's index
@@ -142,7 +142,7 @@ def rank_batches(data,                 # Dataset of (3, H, W) images
         yield from loader
         k = (epoch + 1)*per_epoch
 
-# %% ../nbs/06_train.ipynb #650a9561
+# %% ../nbs/06_train.ipynb #c279f4e6
 def make_dataset(spec:str,          # 'embedded' or an image folder
                  cfg:TrainConfig,
                  train:bool):       # training images (True) or validation images (False)
@@ -152,7 +152,7 @@ def make_dataset(spec:str,          # 'embedded' or an image folder
         return EmbeddedPhotos('val', cfg.resolution, train=True, repeats=-(-cfg.val_images//len(VAL_PHOTOS)), seed=cfg.seed + 1, zoom=cfg.zoom or None)
     return ImageFolder(spec, cfg.resolution, train=train, seed=cfg.seed, repeats=cfg.repeats if train else 1, zoom=cfg.zoom or None)
 
-# %% ../nbs/06_train.ipynb #908306c3
+# %% ../nbs/06_train.ipynb #05bc0578
 class _AllReduceSum(torch.autograd.Function):
     "Sum over processes; its gradient is the sum of the processes' gradients, since every process's loss depends on it"
     @staticmethod
@@ -196,7 +196,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             else: cls.convert(child)
         return module
 
-# %% ../nbs/06_train.ipynb #e86a03b7
+# %% ../nbs/06_train.ipynb #48b113d4
 class EMA:
     "Exponential moving average of a model's weights: `avg = decay * avg + (1 - decay) * w`, in float32"
     def __init__(self, model:nn.Module, decay:float):
@@ -217,7 +217,7 @@ class EMA:
         model.load_state_dict(self.shadow)
         return model
 
-# %% ../nbs/06_train.ipynb #6824f200
+# %% ../nbs/06_train.ipynb #3597f99d
 CKPT_FILES = ('vae.safetensors', 'discriminator.safetensors', 'training_state.pt')
 
 def _write_text_atomic(path:Path, text:str):
@@ -267,7 +267,7 @@ def load_checkpoint(path:Path)->tuple[dict, dict]:
     except Exception as e: raise ValueError(f"{path}/training_state.pt is not a klvae training state (tensors and plain values): {e}") from e
     return nets, state
 
-# %% ../nbs/06_train.ipynb #de207fe4
+# %% ../nbs/06_train.ipynb #6e2a9f10
 def read_log(run_dir:str|Path)->pd.DataFrame:
     "A run's `log.jsonl` as a DataFrame: training rows (train/* columns) and validation rows (val/* columns)"
     f = Path(run_dir)/'log.jsonl'
@@ -278,7 +278,7 @@ def _truncate_log(f:Path, step:int):
     "Drop the rows a killed run wrote after the checkpoint it resumes from"
     if f.is_file(): _write_text_atomic(f, ''.join(l + '\n' for l in f.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= step))
 
-# %% ../nbs/06_train.ipynb #08fa4511
+# %% ../nbs/06_train.ipynb #e0178ec9
 @torch.no_grad()
 def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
              x:torch.Tensor,  # fixed validation images (B, 3, H, W) in [-1, 1]
@@ -293,7 +293,7 @@ def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
     a, b = to_uint8(x.float()), to_uint8(rec)
     return {'val/psnr': psnr(a, b).mean().item(), 'val/ssim': ssim(a, b).mean().item()}
 
-# %% ../nbs/06_train.ipynb #b7653a54
+# %% ../nbs/06_train.ipynb #288e2f5c
 def _perceptual(mode:str)->tuple:
     "The LPIPS network (or None) and a sentence saying which, for the log, the config and the report"
     if mode == 'off': return None, 'off (perceptual=off)'
@@ -317,6 +317,13 @@ def _run_folder(cfg:TrainConfig, acc:Accelerator)->Path:
                               f"(--resume latest) or choose another run_dir.")
     return run
 
+def _log_row(acc, step:int, nets, terms:dict, **extra)->dict:
+    "A log row: `terms` averaged over the processes (every process calls this at the same steps)"
+    vals = torch.tensor(list(terms.values()), dtype=torch.float64, device=acc.device)
+    if acc.num_processes > 1: vals = acc.reduce(vals, 'mean')
+    return {'step': step, 'trains': '+'.join(n for n in ('vae', 'disc') if n in nets),
+            **{f'train/{k}': v for k, v in zip(terms, vals.tolist())}, **{f'train/{k}' if k == 'lr' else k: v for k, v in extra.items()}}
+
 def _save(acc, run, step, vae, disc, ema, opts, scheds, counters, keep):
     "Checkpoint from the main process; every process waits for it"
     if acc.is_main_process:
@@ -327,7 +334,7 @@ def _save(acc, run, step, vae, disc, ema, opts, scheds, counters, keep):
         save_checkpoint(run/'checkpoints', step, nets, state, keep)
     acc.wait_for_everyone()
 
-# %% ../nbs/06_train.ipynb #ea00cfb8
+# %% ../nbs/06_train.ipynb #4c2ed02f
 def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
           train_data=None,     # Dataset of (3, H, W) images in [-1, 1]; default: make_dataset(cfg.data, cfg, True)
           val_data=None,       # default: make_dataset(cfg.val_data, cfg, False)
@@ -395,7 +402,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
               f"{cfg.batch_size*cfg.grad_accum*world}, mixed precision {cfg.mixed_precision}\nLPIPS {p_note}")
     if step == 0: validate_now()
 
-    in_a_row, busy, images = 0, 0.0, 0
+    in_a_row, busy, images, interval, trained = 0, 0.0, 0, {}, set()   # interval: term -> (sum, count) since the last row
     bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc='train', dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)   # a log file gets a line every 30 s, not every step
     while step < cfg.steps:
@@ -444,13 +451,15 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
         in_a_row = in_a_row + 1 if bad else 0
         counters['nonfinite'] += bad
         bar.update(1)
-        if step % cfg.log_every == 0 or bad or step == cfg.steps:
-            vals = torch.tensor(list(logs.values()), dtype=torch.float64, device=acc.device)
-            if world > 1: vals = acc.reduce(vals, 'mean')
-            log({'step': step, 'trains': '+'.join(nets), **{f'train/{k}': v for k, v in zip(logs, vals.tolist())},
-                 'train/lr': lrs[0], 'images_per_s': images/busy, 'nonfinite': int(bad)})
-            images, busy = 0, 0.0
-            bar.set_postfix({k: f"{v:.3g}" for k, v in zip(logs, vals.tolist()) if k in ('loss', 'd_loss', 'rec_loss')})
+        if bad: log(_log_row(acc, step, nets, logs, nonfinite=1))   # a skipped step gets a row of its own, NaNs and all
+        else:
+            for k, v in logs.items(): interval[k] = (interval.get(k, (0.0, 0))[0] + v, interval.get(k, (0.0, 0))[1] + 1)
+            trained |= set(nets)
+        if interval and (step % cfg.log_every == 0 or step == cfg.steps):
+            row = _log_row(acc, step, trained, {k: t/n for k, (t, n) in interval.items()}, lr=lrs[0], images_per_s=images/busy, nonfinite=0)
+            log(row)
+            bar.set_postfix({k[6:]: f"{v:.3g}" for k, v in row.items() if k in ('train/loss', 'train/d_loss', 'train/rec_loss')}, refresh=False)
+            interval, trained, images, busy = {}, set(), 0, 0.0
         if in_a_row >= cfg.max_nonfinite:
             raise FloatingPointError(f"{in_a_row} non-finite losses in a row (steps {step - in_a_row + 1}-{step}; last terms {logs}). "
                                      f"Lower lr, set max_grad_norm, use mixed_precision='no' or check the data; nothing was saved "
@@ -468,7 +477,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     acc.end_training()
     return run
 
-# %% ../nbs/06_train.ipynb #0be16ad7
+# %% ../nbs/06_train.ipynb #fa885b43
 def _field_help()->dict:
     "Each TrainConfig field's comment, for --help"
     src = inspect.getsource(importlib.import_module('klvae.train').TrainConfig)  # the exported file: a notebook class has no source
@@ -499,5 +508,5 @@ def main(argv:list|None=None):
     except (KeyError, ValueError) as e: p.error(str(e))
     train(cfg)
 
-# %% ../nbs/06_train.ipynb #a3d944d2
+# %% ../nbs/06_train.ipynb #90309d74
 if __name__ == '__main__' and '__file__' in globals(): main()
