@@ -7,7 +7,7 @@ Docs: https://github.com/klvae/klvae/demo.html.md"""
 # %% auto #0
 __all__ = ['heldout_crops', 'loss_figure', 'training_report', 'demo']
 
-# %% ../nbs/07_demo.ipynb #069e6423
+# %% ../nbs/07_demo.ipynb #f142727e
 import base64, html, json, sys, time
 from pathlib import Path
 import pandas as pd, torch
@@ -19,7 +19,7 @@ from .data import EmbeddedPhotos
 from .metrics import evaluate, summarize
 from .train import train, train_config, read_log
 
-# %% ../nbs/07_demo.ipynb #b3448aef
+# %% ../nbs/07_demo.ipynb #9cf91b18
 def heldout_crops(size:int,            # crop size
                   per_photo:int=16,     # crops of each held-out photo
                   seed:int=1234,        # which crops (fixed: the same on every run)
@@ -28,7 +28,7 @@ def heldout_crops(size:int,            # crop size
     "Fixed random crops of the held-out embedded photos, `per_photo` of each"
     return EmbeddedPhotos('val', size, train=True, repeats=per_photo, seed=seed, zoom=zoom)
 
-# %% ../nbs/07_demo.ipynb #dd824646
+# %% ../nbs/07_demo.ipynb #bb371fc1
 _CURVES = [('train/rec_loss', 'reconstruction'), ('train/p_loss', 'LPIPS'), ('train/kl_loss', 'KL'), ('train/g_loss', 'generator (GAN)'),
            ('train/d_loss', 'discriminator'), ('train/disc_weight', 'adaptive weight'), ('val/psnr', 'validation PSNR (dB)'), ('val/ssim', 'validation SSIM')]
 
@@ -52,11 +52,11 @@ def training_report(run_dir:str|Path,            # a run folder written by `trai
     "A self-contained HTML page: settings, loss curves, validation grids before and after, metrics"
     run = Path(run_dir)
     info, log = json.loads((run/'config.json').read_text()), read_log(run)
-    cfg, grids = info['config'], sorted((run/'val').glob('step_*.png'))
+    cfg, r, grids = info['config'], info['recipe'], sorted((run/'val').glob('step_*.png'))
     rows = log[log['trains'].notna()] if 'trains' in log else log.iloc[:0]
     facts = {'run folder': str(run), 'model': f"{cfg['model']} ({info['vae_parameters']/1e6:.2f}M parameters)",
-             'recipe': f"{info['recipe']['name']}: {info['recipe']['rec_loss']} + {info['recipe']['perceptual_weight']} LPIPS + "
-                       f"{info['recipe']['kl_weight']} KL + adaptive GAN ({info['recipe']['disc_loss']}) from step {info['recipe']['disc_start']}",
+             'recipe': f"{r['name']}: {r['rec_loss']}" + (f" + {r['perceptual_weight']} LPIPS" if info['perceptual'].startswith('on') else
+                       " (LPIPS term off, see below)") + f" + {r['kl_weight']} KL + adaptive GAN ({r['disc_loss']}) from step {r['disc_start']}",
              'LPIPS term': info['perceptual'], 'data': info['train_data'], 'validation images': info['val_data'],
              'steps': f"{cfg['steps']} at batch {info['global_batch']} ({info['processes']} process(es) on {info['device']}), "
                       f"{cfg['resolution']}x{cfg['resolution']} crops, lr {info['lr']:.3g} ({cfg['lr_schedule']})",
@@ -77,7 +77,7 @@ def training_report(run_dir:str|Path,            # a run folder written by `trai
              "table.facts th{background:#f4f4f4;white-space:nowrap}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
 
-# %% ../nbs/07_demo.ipynb #28ff65cc
+# %% ../nbs/07_demo.ipynb #fb728a44
 def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_path>/demo.html
          **overrides                  # TrainConfig fields overriding the `cpu` preset
         )->tuple[Path, pd.DataFrame]:
@@ -104,5 +104,5 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     print(table.to_string(), f"\n{notes[0]}\nreport: {report}")
     return run, table
 
-# %% ../nbs/07_demo.ipynb #b1b896a8
+# %% ../nbs/07_demo.ipynb #f353008b
 if __name__ == '__main__' and '__file__' in globals(): demo()

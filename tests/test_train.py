@@ -241,3 +241,10 @@ def test_notebook_launcher_two_processes(tmp_path):
     info = json.loads((tmp_path/'nl'/'config.json').read_text())
     assert info['processes'] == 2 and (tmp_path/'nl'/'vae'/'config.json').is_file()
     assert [r['step'] for r in log_rows(tmp_path/'nl') if 'trains' in r] == [1, 2, 3, 4, 5, 6]
+
+def test_accelerate_launch_runs_the_module(tmp_path):
+    "`accelerate launch -m klvae.train` (the README's launcher for GPUs and nodes) runs the CLI; on CPU one process"
+    run([str(BIN/'accelerate'), 'launch', '--cpu', '--num_processes', '1', '--num_machines', '1', '--mixed_precision', 'no',
+         '--dynamo_backend', 'no', '-m', 'klvae.train', '--preset', 'ci', '--run-dir', str(tmp_path/'al'), '--perceptual', 'off'])
+    assert [r['step'] for r in log_rows(tmp_path/'al') if 'trains' in r] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path/'al'/'vae'/'diffusion_pytorch_model.safetensors').is_file()
