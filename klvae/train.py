@@ -9,7 +9,7 @@ __all__ = ['CKPT_FILES', 'TrainConfig', 'parse_value', 'train_config', 'lr_facto
            'SyncBatchNorm2d', 'EMA', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'read_log', 'validate',
            'train', 'cli_parser', 'main']
 
-# %% ../nbs/06_train.ipynb #9e96d715
+# %% ../nbs/06_train.ipynb #1e95deb9
 import argparse, contextlib, importlib, inspect, json, math, os, re, shutil, sys, time, warnings
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -25,7 +25,7 @@ from .losses import RECIPES, D_LOSSES, NLayerDiscriminator, VAELoss, lpips_vgg, 
 from .data import EmbeddedPhotos, ImageFolder, VAL_PHOTOS, image_grid, item_generator, to_uint8
 from .metrics import psnr, ssim
 
-# %% ../nbs/06_train.ipynb #e2bbc674
+# %% ../nbs/06_train.ipynb #8a350e23
 @dataclass(frozen=True)
 class TrainConfig:
     "A training run's settings; the defaults are the paper's kl-f8 run (`autoencoder_kl_32x32x4.yaml`)"
@@ -53,7 +53,7 @@ class TrainConfig:
     lr_schedule: str = 'constant'   # after warmup: 'constant' or 'cosine' (to 0 at `steps`)
     warmup_steps: int = 0           # linear warmup from lr/warmup_steps to lr
     max_grad_norm: float = 0.0      # clip each network's gradient norm to this; 0: no clipping (LDM does not clip)
-    mixed_precision: str = 'no'     # 'no', 'bf16' or 'fp16': autocast over fp32 master weights (fp16 with loss scaling)
+    mixed_precision: str = 'no'     # 'no', 'bf16' or 'fp16' (CUDA only): autocast over fp32 master weights, fp16 with loss scaling
     ema_decay: float = 0.0          # EMA of the VAE's weights, updated on VAE steps, exported at the end; 0: off
     seed: int = 0                   # data order, crops, posterior noise, init: all derived from (seed, step, rank)
     max_nonfinite: int = 5          # stop after this many non-finite steps in a row
@@ -80,7 +80,7 @@ class TrainConfig:
         if self.zoom and self.zoom < 1: raise ValueError(f"TrainConfig zoom={self.zoom}; it must be >= 1 (the crop must fit), or 0 for native size")
         if not 0 <= self.ema_decay < 1: raise ValueError(f"TrainConfig ema_decay={self.ema_decay}; it must be in [0, 1)")
 
-# %% ../nbs/06_train.ipynb #f7419e6d
+# %% ../nbs/06_train.ipynb #5fa3bbfc
 def parse_value(name:str, raw:str):
     "The `TrainConfig` field `name` parsed from the string `raw`"
     types = {f.name: f.type for f in fields(TrainConfig)}
@@ -108,7 +108,7 @@ def train_config(preset:str|None=None, # a `[preset.NAME]` of settings.ini: ci, 
     vals |= {k: parse_value(k, v) if isinstance(v, str) else v for k, v in overrides.items()}
     return TrainConfig(**vals)
 
-# %% ../nbs/06_train.ipynb #b64a7249
+# %% ../nbs/06_train.ipynb #0315cced
 def lr_factor(step:int, cfg:TrainConfig)->float:
     "Multiplier of the learning rate at 0-based `step`: linear warmup, then constant or cosine to 0 at `cfg.steps`"
     if step < cfg.warmup_steps: return (step + 1)/cfg.warmup_steps
@@ -116,7 +116,7 @@ def lr_factor(step:int, cfg:TrainConfig)->float:
     t = (step - cfg.warmup_steps)/max(1, cfg.steps - cfg.warmup_steps)
     return 0.5*(1 + math.cos(math.pi*min(t, 1.0)))
 
-# %% ../nbs/06_train.ipynb #bd27da66
+# %% ../nbs/06_train.ipynb #70af0869
 def rank_batches(data,                 # Dataset of (3, H, W) images
                  batch_size:int,       # images per process per micro-batch
                  rank:int=0,           # this process's index
@@ -142,7 +142,7 @@ def rank_batches(data,                 # Dataset of (3, H, W) images
         yield from loader
         k = (epoch + 1)*per_epoch
 
-# %% ../nbs/06_train.ipynb #c279f4e6
+# %% ../nbs/06_train.ipynb #498974cc
 def make_dataset(spec:str,          # 'embedded' or an image folder
                  cfg:TrainConfig,
                  train:bool):       # training images (True) or validation images (False)
@@ -152,7 +152,7 @@ def make_dataset(spec:str,          # 'embedded' or an image folder
         return EmbeddedPhotos('val', cfg.resolution, train=True, repeats=-(-cfg.val_images//len(VAL_PHOTOS)), seed=cfg.seed + 1, zoom=cfg.zoom or None)
     return ImageFolder(spec, cfg.resolution, train=train, seed=cfg.seed, repeats=cfg.repeats if train else 1, zoom=cfg.zoom or None)
 
-# %% ../nbs/06_train.ipynb #05bc0578
+# %% ../nbs/06_train.ipynb #6812d3b0
 class _AllReduceSum(torch.autograd.Function):
     "Sum over processes; its gradient is the sum of the processes' gradients, since every process's loss depends on it"
     @staticmethod
@@ -196,7 +196,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             else: cls.convert(child)
         return module
 
-# %% ../nbs/06_train.ipynb #48b113d4
+# %% ../nbs/06_train.ipynb #983a4dc4
 class EMA:
     "Exponential moving average of a model's weights: `avg = decay * avg + (1 - decay) * w`, in float32"
     def __init__(self, model:nn.Module, decay:float):
@@ -217,7 +217,7 @@ class EMA:
         model.load_state_dict(self.shadow)
         return model
 
-# %% ../nbs/06_train.ipynb #3597f99d
+# %% ../nbs/06_train.ipynb #09b05bbc
 CKPT_FILES = ('vae.safetensors', 'discriminator.safetensors', 'training_state.pt')
 
 def _write_text_atomic(path:Path, text:str):
@@ -267,7 +267,7 @@ def load_checkpoint(path:Path)->tuple[dict, dict]:
     except Exception as e: raise ValueError(f"{path}/training_state.pt is not a klvae training state (tensors and plain values): {e}") from e
     return nets, state
 
-# %% ../nbs/06_train.ipynb #6e2a9f10
+# %% ../nbs/06_train.ipynb #c8709694
 def read_log(run_dir:str|Path)->pd.DataFrame:
     "A run's `log.jsonl` as a DataFrame: training rows (train/* columns) and validation rows (val/* columns)"
     f = Path(run_dir)/'log.jsonl'
@@ -278,7 +278,7 @@ def _truncate_log(f:Path, step:int):
     "Drop the rows a killed run wrote after the checkpoint it resumes from"
     if f.is_file(): _write_text_atomic(f, ''.join(l + '\n' for l in f.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= step))
 
-# %% ../nbs/06_train.ipynb #e0178ec9
+# %% ../nbs/06_train.ipynb #6dd93977
 @torch.no_grad()
 def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
              x:torch.Tensor,  # fixed validation images (B, 3, H, W) in [-1, 1]
@@ -293,7 +293,7 @@ def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
     a, b = to_uint8(x.float()), to_uint8(rec)
     return {'val/psnr': psnr(a, b).mean().item(), 'val/ssim': ssim(a, b).mean().item()}
 
-# %% ../nbs/06_train.ipynb #288e2f5c
+# %% ../nbs/06_train.ipynb #21ce4ac2
 def _perceptual(mode:str)->tuple:
     "The LPIPS network (or None) and a sentence saying which, for the log, the config and the report"
     if mode == 'off': return None, 'off (perceptual=off)'
@@ -334,13 +334,17 @@ def _save(acc, run, step, vae, disc, ema, opts, scheds, counters, keep):
         save_checkpoint(run/'checkpoints', step, nets, state, keep)
     acc.wait_for_everyone()
 
-# %% ../nbs/06_train.ipynb #4c2ed02f
+# %% ../nbs/06_train.ipynb #00be0680
 def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
           train_data=None,     # Dataset of (3, H, W) images in [-1, 1]; default: make_dataset(cfg.data, cfg, True)
           val_data=None,       # default: make_dataset(cfg.val_data, cfg, False)
          )->Path:
     "Train a KL autoencoder on every process this is launched on; returns the run folder"
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    cpu = not torch.cuda.is_available()
+    if cpu and cfg.mixed_precision == 'fp16':  # accelerate would train in float32 without a word
+        raise ValueError("mixed_precision='fp16' needs a CUDA GPU (autocast to fp16 with loss scaling); on this CPU-only machine "
+                         "use mixed_precision='bf16' or 'no'.")
+    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     run = _run_folder(cfg, acc)
     recipe = replace(RECIPES[cfg.recipe], **({'disc_loss': cfg.disc_loss} if cfg.disc_loss else {}),
@@ -477,7 +481,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     acc.end_training()
     return run
 
-# %% ../nbs/06_train.ipynb #fa885b43
+# %% ../nbs/06_train.ipynb #5f4b7421
 def _field_help()->dict:
     "Each TrainConfig field's comment, for --help"
     src = inspect.getsource(importlib.import_module('klvae.train').TrainConfig)  # the exported file: a notebook class has no source
@@ -508,5 +512,5 @@ def main(argv:list|None=None):
     except (KeyError, ValueError) as e: p.error(str(e))
     train(cfg)
 
-# %% ../nbs/06_train.ipynb #90309d74
+# %% ../nbs/06_train.ipynb #a82c6e30
 if __name__ == '__main__' and '__file__' in globals(): main()

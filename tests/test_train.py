@@ -45,6 +45,9 @@ def test_cli_rejects_bad_input(tmp_path):
     assert r.returncode == 2 and "no preset 'nope'" in r.stderr
     r = run(cli('--preset', 'ci', '--run-dir', str(tmp_path/'r2'), '--resume', 'latest'), check=False)
     assert r.returncode != 0 and 'has no checkpoint to resume' in r.stderr
+    if not torch.cuda.is_available():
+        r = run(cli('--preset', 'ci', '--run-dir', str(tmp_path/'r3'), '--mixed-precision', 'fp16'), check=False)
+        assert r.returncode != 0 and "mixed_precision='fp16' needs a CUDA GPU" in r.stderr
 
 PROBE = textwrap.dedent('''
     # one generator step of klvae's trainer pieces under DDP: the images each rank sees, its gradients after backward,
