@@ -185,7 +185,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
 def test_checkpoint_reloads_every_network(tmp_path):
     "A checkpoint holds what the run had: the exported VAE is the EMA; the discriminator and optimizers load back"
-    from klvae.train import train, train_config, load_checkpoint, find_checkpoint, EMA
+    from klvae.train import train, train_config, load_checkpoint, find_checkpoint
     from klvae.model import AutoencoderKL, PRESETS
     from klvae.losses import NLayerDiscriminator
     run_dir = train(train_config('ci', run_dir=str(tmp_path/'r'), perceptual='off', ema_decay=0.5, val_every=0))
