@@ -22,7 +22,7 @@ __all__ = ['CKPT_FILES', 'TrainConfig', 'parse_value', 'train_config', 'lr_facto
            'SyncBatchNorm2d', 'EMA', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'read_log', 'validate',
            'train', 'cli_parser', 'main']
 
-# %% ../nbs/06_train.ipynb #5c300f71
+# %% ../nbs/06_train.ipynb #f6d6546a
 import argparse, contextlib, importlib, inspect, json, math, os, re, shutil, sys, time, warnings
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -38,7 +38,7 @@ from .losses import RECIPES, D_LOSSES, NLayerDiscriminator, VAELoss, lpips_vgg, 
 from .data import EmbeddedPhotos, ImageFolder, VAL_PHOTOS, image_grid, item_generator, to_uint8
 from .metrics import psnr, ssim
 
-# %% ../nbs/06_train.ipynb #62125bc1
+# %% ../nbs/06_train.ipynb #500025d5
 @dataclass(frozen=True)
 class TrainConfig:
     "A training run's settings; the defaults are the paper's kl-f8 run (`autoencoder_kl_32x32x4.yaml`)"
@@ -93,7 +93,7 @@ class TrainConfig:
         if self.zoom and self.zoom < 1: raise ValueError(f"TrainConfig zoom={self.zoom}; it must be >= 1 (the crop must fit), or 0 for native size")
         if not 0 <= self.ema_decay < 1: raise ValueError(f"TrainConfig ema_decay={self.ema_decay}; it must be in [0, 1)")
 
-# %% ../nbs/06_train.ipynb #a417d624
+# %% ../nbs/06_train.ipynb #fcb648a6
 def parse_value(name:str, raw:str):
     "The `TrainConfig` field `name` parsed from the string `raw`"
     types = {f.name: f.type for f in fields(TrainConfig)}
@@ -121,7 +121,7 @@ def train_config(preset:str|None=None, # a `[preset.NAME]` of settings.ini: ci, 
     vals |= {k: parse_value(k, v) if isinstance(v, str) else v for k, v in overrides.items()}
     return TrainConfig(**vals)
 
-# %% ../nbs/06_train.ipynb #22c040e1
+# %% ../nbs/06_train.ipynb #172878cf
 def lr_factor(step:int, cfg:TrainConfig)->float:
     "Multiplier of the learning rate at 0-based `step`: linear warmup, then constant or cosine to 0 at `cfg.steps`"
     if step < cfg.warmup_steps: return (step + 1)/cfg.warmup_steps
@@ -129,7 +129,7 @@ def lr_factor(step:int, cfg:TrainConfig)->float:
     t = (step - cfg.warmup_steps)/max(1, cfg.steps - cfg.warmup_steps)
     return 0.5*(1 + math.cos(math.pi*min(t, 1.0)))
 
-# %% ../nbs/06_train.ipynb #64facbb9
+# %% ../nbs/06_train.ipynb #4944cfac
 def rank_batches(data,                 # Dataset of (3, H, W) images
                  batch_size:int,       # images per process per micro-batch
                  rank:int=0,           # this process's index
@@ -155,7 +155,7 @@ def rank_batches(data,                 # Dataset of (3, H, W) images
         yield from loader
         k = (epoch + 1)*per_epoch
 
-# %% ../nbs/06_train.ipynb #3987480d
+# %% ../nbs/06_train.ipynb #285fe07f
 def make_dataset(spec:str,          # 'embedded' or an image folder
                  cfg:TrainConfig,
                  train:bool):       # training images (True) or validation images (False)
@@ -165,7 +165,7 @@ def make_dataset(spec:str,          # 'embedded' or an image folder
         return EmbeddedPhotos('val', cfg.resolution, train=True, repeats=-(-cfg.val_images//len(VAL_PHOTOS)), seed=cfg.seed + 1, zoom=cfg.zoom or None)
     return ImageFolder(spec, cfg.resolution, train=train, seed=cfg.seed, repeats=cfg.repeats if train else 1, zoom=cfg.zoom or None)
 
-# %% ../nbs/06_train.ipynb #134b1dab
+# %% ../nbs/06_train.ipynb #2a20b117
 class _AllReduceSum(torch.autograd.Function):
     "Sum over processes; its gradient is the sum of the processes' gradients, since every process's loss depends on it"
     @staticmethod
@@ -209,7 +209,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             else: cls.convert(child)
         return module
 
-# %% ../nbs/06_train.ipynb #168b232a
+# %% ../nbs/06_train.ipynb #c2c9ba15
 class EMA:
     "Exponential moving average of a model's weights: `avg = decay * avg + (1 - decay) * w`, in float32"
     def __init__(self, model:nn.Module, decay:float):
@@ -230,7 +230,7 @@ class EMA:
         model.load_state_dict(self.shadow)
         return model
 
-# %% ../nbs/06_train.ipynb #bd4620ba
+# %% ../nbs/06_train.ipynb #5816ca05
 CKPT_FILES = ('vae.safetensors', 'discriminator.safetensors', 'training_state.pt')
 
 def _write_text_atomic(path:Path, text:str):
@@ -280,7 +280,7 @@ def load_checkpoint(path:Path)->tuple[dict, dict]:
     except Exception as e: raise ValueError(f"{path}/training_state.pt is not a klvae training state (tensors and plain values): {e}") from e
     return nets, state
 
-# %% ../nbs/06_train.ipynb #c280959a
+# %% ../nbs/06_train.ipynb #a85d8ecc
 def read_log(run_dir:str|Path)->pd.DataFrame:
     "A run's `log.jsonl` as a DataFrame: training rows (train/* columns) and validation rows (val/* columns)"
     f = Path(run_dir)/'log.jsonl'
@@ -291,7 +291,7 @@ def _truncate_log(f:Path, step:int):
     "Drop the rows a killed run wrote after the checkpoint it resumes from"
     if f.is_file(): _write_text_atomic(f, ''.join(l + '\n' for l in f.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= step))
 
-# %% ../nbs/06_train.ipynb #fae8deec
+# %% ../nbs/06_train.ipynb #e7fa7816
 @torch.no_grad()
 def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
              x:torch.Tensor,  # fixed validation images (B, 3, H, W) in [-1, 1]
@@ -306,7 +306,7 @@ def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
     a, b = to_uint8(x.float()), to_uint8(rec)
     return {'val/psnr': psnr(a, b).mean().item(), 'val/ssim': ssim(a, b).mean().item()}
 
-# %% ../nbs/06_train.ipynb #2bd9d9ef
+# %% ../nbs/06_train.ipynb #d90f7d2d
 def _perceptual(mode:str)->tuple:
     "The LPIPS network (or None) and a sentence saying which, for the log, the config and the report"
     if mode == 'off': return None, 'off (perceptual=off)'
@@ -347,7 +347,7 @@ def _save(acc, run, step, vae, disc, ema, opts, scheds, counters, keep):
         save_checkpoint(run/'checkpoints', step, nets, state, keep)
     acc.wait_for_everyone()
 
-# %% ../nbs/06_train.ipynb #ab2cde8f
+# %% ../nbs/06_train.ipynb #e65bc903
 def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
           train_data=None,     # Dataset of (3, H, W) images in [-1, 1]; default: make_dataset(cfg.data, cfg, True)
           val_data=None,       # default: make_dataset(cfg.val_data, cfg, False)
@@ -382,6 +382,9 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
             check_state_dict(m, nets[name], f"{ckpt}/{name}.safetensors")
             m.load_state_dict(nets[name])
         if ema is not None: ema.load_state_dict(nets['ema'] if 'ema' in nets else vae.state_dict())
+        if (ema is not None) != ('ema' in nets):   # said, not silent: the exported weights depend on it
+            acc.print(f"klvae: {ckpt} has {'an' if 'ema' in nets else 'no'} EMA and ema_decay={cfg.ema_decay}: "
+                  + ("the EMA starts from the checkpoint's VAE weights" if ema is not None else "its EMA is not continued"))
         for o, s in zip(opts, state['optimizers']): o.load_state_dict(s)
         for sc, s in zip(scheds, state['schedulers']): sc.load_state_dict(s)
         step, counters = state['step'], state['counters']
@@ -494,7 +497,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     acc.end_training()
     return run
 
-# %% ../nbs/06_train.ipynb #3b9a8d8b
+# %% ../nbs/06_train.ipynb #0c5634f6
 def _field_help()->dict:
     "Each TrainConfig field's comment, for --help"
     src = inspect.getsource(importlib.import_module('klvae.train').TrainConfig)  # the exported file: a notebook class has no source
@@ -525,5 +528,5 @@ def main(argv:list|None=None):
     except (KeyError, ValueError) as e: p.error(str(e))
     train(cfg)
 
-# %% ../nbs/06_train.ipynb #c1bd7ad0
+# %% ../nbs/06_train.ipynb #1e90aa8f
 if __name__ == '__main__' and '__file__' in globals(): main()
