@@ -8,9 +8,10 @@ linear layers. `rename_key` is the one table between the two; `convert_state_dic
 weights. `AutoencoderKL.from_pretrained(path)` takes either layout (a folder, a `.safetensors`, `.ckpt`, `.pt` or `.bin`
 file), reads the config from `config.json` or infers it from the tensor shapes, and stops with an error naming every
 missing, unexpected or mis-shaped key. `save_pretrained(dir)` writes a folder that diffusers loads, `save_compvis(model,
-path)` a CompVis file. A pickled checkpoint can run any code when it is unpickled; `load_state_dict_file` unpickles
-with an allow-list of the few torch functions that rebuild tensors and turns every other class or function named in the
-file (Lightning callbacks, numpy scalars, `os.system`) into an inert `Stub` that only records its name and arguments.
+path)` a CompVis file. A pickled checkpoint can run any code when it is unpickled, so `load_state_dict_file` reads torch
+files with `klvae.torchfile` (nothing in them runs), reads only the tensors it keeps, and every value is checked before a
+model is built: the config against sizes a real autoencoder has, the shapes against a model on the `meta` device, the
+weights for a floating dtype and finite values. Every failure is a `ValueError` that names the file.
 
 Docs: https://github.com/klvae/klvae/checkpoints.html.md"""
 
@@ -18,16 +19,18 @@ Docs: https://github.com/klvae/klvae/checkpoints.html.md"""
 
 # %% auto #0
 __all__ = ['KEY_PAIRS', 'OLD_ATTENTION', 'rename_key', 'convert_state_dict', 'infer_config', 'config_from_diffusers',
-           'config_to_diffusers', 'Stub', 'safe_torch_load', 'load_state_dict_file', 'compvis_state_dict',
-           'check_state_dict', 'save_compvis']
+           'config_to_diffusers', 'autoencoder_keys', 'load_state_dict_file', 'compvis_state_dict', 'check_state_dict',
+           'check_config', 'read_config_json', 'build_checked', 'save_compvis']
 
 # %% ../nbs/02_checkpoints.ipynb #ce64f0d8
-import json, pickle, re, struct, types, zipfile
+import json, re
 from pathlib import Path
 import torch
 from fastcore.basics import patch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from .model import VAEConfig, AutoencoderKL
+from .torchfile import CheckpointError, CheckpointNotFoundError, brief, open_torch_file, read_torch_file, TensorRef
 
 # %% ../nbs/02_checkpoints.ipynb #bf693b36
 KEY_PAIRS = [  # (CompVis fragment, diffusers fragment); `{}` is a level index
@@ -150,99 +153,119 @@ def config_to_diffusers(cfg:VAEConfig)->dict:
             'scaling_factor': cfg.scaling_factor, 'shift_factor': cfg.shift_factor or None}
 
 # %% ../nbs/02_checkpoints.ipynb #2f00bc29
-class Stub:
-    "Inert stand-in for a class or function a pickle names that is not allow-listed: records its arguments, runs nothing"
-    name = '?'
-    def __new__(cls, *args, **kwargs):
-        obj = super().__new__(cls)
-        obj.args, obj.state, obj.items = args, None, {}
-        return obj
-    def __init__(self, *args, **kwargs): pass
-    def __setstate__(self, state): self.state = state
-    def __setitem__(self, k, v): self.items[k] = v                       # dict subclasses (AttributeDict, ...)
-    def append(self, v): self.items[len(self.items)] = v                 # list subclasses
-    def extend(self, vs): [self.append(v) for v in vs]
-    def __repr__(self): return f"<Stub {self.name}>"
-
-_ALLOWED = {('collections', 'OrderedDict'), *(('torch._utils', f) for f in
-            ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_parameter', '_rebuild_parameter_with_state'))}
-_stubs = {}
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    "Unpickler that resolves only allow-listed globals and turns every other one into a `Stub` subclass"
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED: return super().find_class(module, name)
-        key = f'{module}.{name}'
-        if key not in _stubs: _stubs[key] = type(f'Stub[{key}]', (Stub,), {'name': key})
-        return _stubs[key]
-
-# torch.load's `pickle_module`: torch subclasses its Unpickler and keeps its own handling of tensor storages
-_restricted_pickle = types.SimpleNamespace(__name__='klvae_restricted_pickle', Unpickler=_RestrictedUnpickler,
-                                           load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
+def autoencoder_keys(keys:list)->list:
+    "The keys of a checkpoint that hold the autoencoder: the `first_stage_model.` part if any, never `loss.*`"
+    prefix = 'first_stage_model.'
+    if any(k.startswith(prefix) for k in keys): keys = [k for k in keys if k.startswith(prefix)]
+    return [k for k in keys if not k.removeprefix(prefix).startswith('loss.')]
 
 # %% ../nbs/02_checkpoints.ipynb #f17e2b3b
-def safe_torch_load(path:str|Path # a torch.save file: zip (torch >= 1.6) or legacy pickle format
-                   ):
-    "The object a torch checkpoint holds, tensors on the CPU, every non-allow-listed global replaced by an inert `Stub`"
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path} does not exist")
-    with open(path, 'rb') as f: first = f.read(2)
-    if not (zipfile.is_zipfile(path) or (first[:1] == b'\x80' and first[1:] in (b'\x02', b'\x03', b'\x04', b'\x05'))):  # legacy: a pickle
-        raise ValueError(f"{path} is not a checkpoint: neither a safetensors file nor a torch.save file (zip or pickle)")
-    try: return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_restricted_pickle)
-    except Exception as e: raise ValueError(f"{path} could not be read as a torch checkpoint: {e}") from e
-
-# %% ../nbs/02_checkpoints.ipynb #6b4e6f4d
 def _is_safetensors(path):
     with open(path, 'rb') as f: head = f.read(9)
-    return len(head) == 9 and head[8:9] == b'{' and struct.unpack('<Q', head[:8])[0] < path.stat().st_size
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < path.stat().st_size
 
-def load_state_dict_file(path:str|Path # a .safetensors file, or a torch checkpoint (.ckpt/.pt/.bin: zip or legacy pickle)
+def _select(keys, select, path):
+    if not all(isinstance(k, str) for k in keys): raise CheckpointError(f"{path}: state-dict keys that are not text: {brief(keys)}")
+    return list(keys) if select is None else select(list(keys))
+
+# %% ../nbs/02_checkpoints.ipynb #6b4e6f4d
+def load_state_dict_file(path:str|Path, # a .safetensors file, or a torch checkpoint (.ckpt/.pt/.bin: zip or legacy pickle)
+                         select=None,   # keys -> the keys to read (e.g. `autoencoder_keys`); default: all
                         )->dict:
-    "The tensors of a checkpoint file, read without executing anything it contains"
+    "The tensors of a checkpoint file's state dict, read without executing anything it contains"
     path = Path(path)
-    if path.is_file() and _is_safetensors(path):
-        try: return load_file(path)
-        except Exception as e: raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
-    obj = safe_torch_load(path)
-    sd = obj['state_dict'] if isinstance(obj, dict) and 'state_dict' in obj else obj
-    if not isinstance(sd, dict): raise ValueError(f"{path} holds {sd!r}, not a state dict of tensors")
-    not_tensors = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
-    if not_tensors: raise ValueError(f"{path}: entries that are not tensors: {dict(list(not_tensors.items())[:10])}")
-    return dict(sd)
+    if not path.is_file(): raise CheckpointNotFoundError(f"{path} does not exist or is not a regular file")
+    if _is_safetensors(path):
+        try:
+            with safe_open(path, 'pt') as f: return {k: f.get_tensor(k) for k in _select(f.keys(), select, path)}
+        except CheckpointError: raise
+        except Exception as e: raise CheckpointError(f"{path} is not a valid safetensors file: {brief(str(e))}") from e
+    with open_torch_file(path) as obj:
+        sd = obj['state_dict'] if isinstance(obj, dict) and 'state_dict' in obj else obj
+        if not isinstance(sd, dict): raise CheckpointError(f"{path} holds {brief(sd)}, not a state dict of tensors")
+        keys = _select(sd, select, path)
+        not_tensors = {k: sd[k] for k in keys if not isinstance(sd[k], TensorRef)}
+        if not_tensors: raise CheckpointError(f"{path}: entries that are not tensors: {brief(not_tensors, 400)}")
+        try: return {k: sd[k].load() for k in keys}
+        except Exception as e: raise CheckpointError(f"{path}: a tensor could not be read: {brief(str(e))}") from e
 
 # %% ../nbs/02_checkpoints.ipynb #7f120463
 def compvis_state_dict(sd:dict # tensors as loaded from a diffusers or CompVis checkpoint
                       )->dict:
     "The autoencoder's weights of a loaded checkpoint, in the CompVis layout"
-    prefix = 'first_stage_model.'
-    if any(k.startswith(prefix) for k in sd): sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    sd = {k: v for k, v in sd.items() if not k.startswith('loss.')}
+    sd = {k.removeprefix('first_stage_model.'): sd[k] for k in autoencoder_keys(list(sd))}
     diffusers = any(re.match(r'(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.', k) for k in sd)
     compvis = any(re.match(r'(encoder\.down|decoder\.up|(en|de)coder\.mid)\.', k) for k in sd)
-    if diffusers and compvis: raise ValueError("the checkpoint mixes diffusers keys (down_blocks, mid_block) and CompVis keys (down, mid)")
+    if diffusers and compvis: raise CheckpointError("the checkpoint mixes diffusers keys (down_blocks, mid_block) and CompVis keys (down, mid)")
     if not (diffusers or compvis):
-        raise ValueError(f"not a KL autoencoder checkpoint: none of its {len(sd)} keys belong to an encoder/decoder in the "
-                         f"diffusers or CompVis layout (first keys: {list(sd)[:5]})")
+        raise CheckpointError(f"not a KL autoencoder checkpoint: none of its {len(sd)} keys belong to an encoder/decoder in the "
+                              f"diffusers or CompVis layout (first keys: {brief(list(sd)[:5])})")
     return convert_state_dict(sd, to='compvis') if diffusers else sd
 
 # %% ../nbs/02_checkpoints.ipynb #dad7ba6e
 def check_state_dict(model:torch.nn.Module, sd:dict, source:str='checkpoint'):
-    "Raise an error naming the missing, unexpected and mis-shaped keys of `sd` for `model`"
+    "Raise an error naming the missing, unexpected, mis-shaped, non-floating and non-finite weights of `sd` for `model`"
     expected = model.state_dict()
     def some(ks): return f"{ks[:8]}{' ...' if len(ks) > 8 else ''}"
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shapes = [f"{k}: {tuple(sd[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in expected.items()
               if k in sd and sd[k].shape != v.shape]
+    kept = [k for k in expected if k in sd]
+    not_float = [f"{k} ({sd[k].dtype})" for k in kept if expected[k].is_floating_point() and not sd[k].is_floating_point()]
+    not_finite = [k for k in kept if sd[k].is_floating_point() and not torch.isfinite(sd[k]).all()]
     problems = ([f"{len(missing)} missing keys {some(missing)}"] if missing else []) + \
                ([f"{len(unexpected)} unexpected keys {some(unexpected)}"] if unexpected else []) + \
-               ([f"{len(shapes)} wrong shapes {some(shapes)}"] if shapes else [])
-    if problems: raise ValueError(f"{source} does not fit the model {model.config}:\n  " + "\n  ".join(problems) +
-                                  "\nPass the config the weights were trained with (config=...), or check that the file is a KL autoencoder.")
+               ([f"{len(shapes)} wrong shapes {some(shapes)}"] if shapes else []) + \
+               ([f"{len(not_float)} weights that are not floating point {some(not_float)}"] if not_float else []) + \
+               ([f"{len(not_finite)} weights with NaN or inf {some(not_finite)}"] if not_finite else [])
+    if problems: raise CheckpointError(f"{source} does not fit the model {getattr(model, 'config', type(model).__name__)}:\n  " + "\n  ".join(problems) +
+                                       "\nPass the config the weights were trained with (config=...), or check that the file is a KL autoencoder.")
 
 # %% ../nbs/02_checkpoints.ipynb #c42e659a
 _WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
+_CONFIG_LIMITS = dict(resolution=(1, 1 << 16), in_channels=(1, 16), out_ch=(1, 16), ch=(1, 1024), num_res_blocks=(1, 8),
+                      z_channels=(1, 256), embed_dim=(1, 256))
+
+def check_config(cfg, source:str='config'):
+    "Raise a `CheckpointError` unless every size in `cfg` is one a real autoencoder could have"
+    bad = {k: getattr(cfg, k) for k, (lo, hi) in _CONFIG_LIMITS.items()
+           if hasattr(cfg, k) and not (type(getattr(cfg, k)) is int and lo <= getattr(cfg, k) <= hi)}
+    if not (isinstance(cfg.ch_mult, tuple) and 1 <= len(cfg.ch_mult) <= 8 and all(type(m) is int and 1 <= m <= 16 for m in cfg.ch_mult)):
+        bad['ch_mult'] = cfg.ch_mult
+    if not all(type(r) is int and 1 <= r <= 1 << 16 for r in cfg.attn_resolutions): bad['attn_resolutions'] = cfg.attn_resolutions
+    if bad: raise CheckpointError(f"{source} asks for {brief(bad)}: no autoencoder klvae builds has these sizes "
+                                  f"(limits {_CONFIG_LIMITS}, ch_mult 1-8 levels of 1-16)")
+
+def read_config_json(path:Path)->dict:
+    "A diffusers `config.json`, read with a size limit and every error naming the file"
+    if path.stat().st_size > 1 << 20: raise CheckpointError(f"{path} is over 1 MB: not a model config")
+    try: d = json.loads(path.read_text())
+    except Exception as e: raise CheckpointError(f"{path} is not valid JSON: {brief(str(e))}") from e
+    if not isinstance(d, dict): raise CheckpointError(f"{path} holds {brief(d)}, not a config object")
+    return d
+
+def build_checked(cls, config, sd:dict, path:Path):
+    "A `cls(config)` holding `sd`, built only after the config, the shapes, the weights and the size have been checked"
+    check_config(config, str(path))
+    with torch.device('meta'): meta = cls(config)
+    check_state_dict(meta, sd, str(path))
+    need = sum(p.numel() * 4 for p in meta.state_dict().values())
+    if need > 4 * path.stat().st_size + (1 << 20):
+        raise CheckpointError(f"{path} declares a model of {need/2**20:.0f} MB in a file of {path.stat().st_size/2**20:.0f} MB: "
+                              "its tensors view the same bytes many times over")
+    model = cls(config)
+    model.load_state_dict(sd)
+    return model.eval()
+
+def _located(path:Path):
+    "The weights file of `path` and its config.json (None when absent)"
+    if not path.is_dir(): return path, None
+    found = [path/n for n in _WEIGHT_NAMES if (path/n).is_file()]
+    if not found:
+        hint = f" It has a vae/ folder: load {path/'vae'}." if (path/'vae').is_dir() else ''
+        raise CheckpointNotFoundError(f"{path} is a folder without {' or '.join(_WEIGHT_NAMES)}.{hint}")
+    return found[0], (read_config_json(path/'config.json') if (path/'config.json').is_file() else None)
 
 @patch(cls_method=True)
 def from_pretrained(cls:AutoencoderKL,
@@ -250,20 +273,15 @@ def from_pretrained(cls:AutoencoderKL,
                     config:VAEConfig|None=None,  # the model's config; default: config.json, else inferred from the tensors
                    )->AutoencoderKL:
     "Load a diffusers or CompVis checkpoint"
-    path, cfg_json = Path(path), None
-    if path.is_dir():
-        found = [path/n for n in _WEIGHT_NAMES if (path/n).is_file()]
-        if not found:
-            hint = f" It has a vae/ folder: load {path/'vae'}." if (path/'vae').is_dir() else ''
-            raise FileNotFoundError(f"{path} is a folder without {' or '.join(_WEIGHT_NAMES)}.{hint}")
-        if (path/'config.json').is_file(): cfg_json = json.loads((path/'config.json').read_text())
-        path = found[0]
-    sd = compvis_state_dict(load_state_dict_file(path))
-    config = config or (config_from_diffusers(cfg_json) if cfg_json is not None else infer_config(sd))
-    model = cls(config)
-    check_state_dict(model, sd, str(path))
-    model.load_state_dict(sd)
-    return model.eval()
+    path, cfg_json = _located(Path(path))
+    try:
+        if config is None and cfg_json is not None:  # checked before a byte of weights is read
+            config = config_from_diffusers(cfg_json); check_config(config, 'config.json')
+        sd = compvis_state_dict(load_state_dict_file(path, select=autoencoder_keys))
+        config = config or infer_config(sd)
+    except CheckpointError as e: raise e if str(path) in str(e) else CheckpointError(f"{path}: {e}") from e
+    except Exception as e: raise CheckpointError(f"{path}: {type(e).__name__}: {brief(str(e))}") from e
+    return build_checked(cls, config, sd, path)
 
 # %% ../nbs/02_checkpoints.ipynb #bbc9b536
 @patch

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 import lpips
 from .config import find_weights
+from .checkpoints import load_state_dict_file
 
 # %% ../nbs/03_losses.ipynb #099e4e86
 def _vgg16_into_lpips(net:nn.Module, # lpips' `vgg16` module (`LPIPS.net`), five `sliceK` Sequentials
@@ -48,12 +49,12 @@ def lpips_vgg(random_backbone:bool=False # True: random VGG16 features, only for
         warnings.filterwarnings('ignore', message=".*(pretrained|weight enum).*", category=UserWarning)
         m = lpips.LPIPS(pretrained=False, net='vgg', version='0.1', pnet_rand=True, verbose=False)
     heads = Path(lpips.__file__).parent/'weights'/'v0.1'/'vgg.pth'
-    sd = torch.load(heads, map_location='cpu', weights_only=True)
+    sd = load_state_dict_file(heads)
     want = [k for k in m.state_dict() if k.startswith('lin') and not k.startswith('lins.')]  # `lins.K` aliases `linK`
     if sorted(sd) != sorted(want): raise RuntimeError(f"{heads} holds {sorted(sd)}, not lpips' VGG heads {sorted(want)}; reinstall lpips.")
     m.load_state_dict(sd, strict=False)  # the heads only: the backbone and the input scaling are not in this file
     if path is not None:
-        n = _vgg16_into_lpips(m.net, torch.load(path, map_location='cpu', weights_only=True), str(path))
+        n = _vgg16_into_lpips(m.net, load_state_dict_file(path), str(path))
         assert n == 13, f"VGG16 has 13 convolutions up to relu5_3; loaded {n}"
     return m.eval().requires_grad_(False)
 

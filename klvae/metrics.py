@@ -26,6 +26,7 @@ import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as 
 from tqdm.auto import tqdm
 from .config import find_weights
 from .data import to_uint8, item_generator
+from .checkpoints import load_state_dict_file
 
 # %% ../nbs/05_metrics.ipynb #e5046296
 def _uint8_pair(x:torch.Tensor, y:torch.Tensor)->tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +114,7 @@ def rfid(reference:torch.Tensor,        # reference crops, uint8 (N, 3, H, W) or
     a, b = (t.cpu() for t in _uint8_pair(reference, reconstruction))
     if len(a) < 2: raise ValueError(f"rFID needs at least 2 images (a covariance); got {len(a)}.")
     path = Path(weights) if weights is not None else inception_weights_file()
-    sd = torch.load(path, map_location='cpu', weights_only=True)   # refuses pickled code before torch-fidelity's unsafe load
+    sd = load_state_dict_file(path)   # nothing in it runs, every value a tensor: checked before torch-fidelity's unsafe load
     if not isinstance(sd, dict) or 'Mixed_7c.branch_pool.conv.weight' not in sd:
         raise ValueError(f"{path} is not torch-fidelity's FID Inception state dict ({INCEPTION_FILE}).")
     out = torch_fidelity.calculate_metrics(input1=_Uint8Images(a), input2=_Uint8Images(b), fid=True, verbose=False,

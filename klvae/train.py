@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .config import get_settings, find_weights
 from .model import AutoencoderKL, PRESETS
 from .checkpoints import check_state_dict
+from .torchfile import read_torch_file
 from .losses import RECIPES, D_LOSSES, NLayerDiscriminator, VAELoss, lpips_vgg, trains
 from .data import EmbeddedPhotos, ImageFolder, VAL_PHOTOS, image_grid, item_generator, to_uint8
 from .metrics import psnr, ssim
@@ -285,7 +286,7 @@ def find_checkpoint(resume:str,   # 'latest' or a checkpoint folder
 def load_checkpoint(path:Path)->tuple[dict, dict]:
     "The weights (name -> state dict) and the training state of a checkpoint folder, read without unpickling objects"
     nets = {p.stem: load_file(p) for p in sorted(Path(path).glob('*.safetensors'))}
-    try: state = torch.load(Path(path)/'training_state.pt', map_location='cpu', weights_only=True)
+    try: state = read_torch_file(Path(path)/'training_state.pt', plain=True)
     except Exception as e: raise ValueError(f"{path}/training_state.pt is not a klvae training state (tensors and plain values): {e}") from e
     return nets, state
 

@@ -8,8 +8,8 @@ import argparse, builtins, json, os, pickle, subprocess, sys, types, zipfile
 import numpy as np, pytest, torch
 from safetensors.torch import save_file
 from klvae.model import AutoencoderKL, PRESETS
-from klvae.checkpoints import (Stub, check_state_dict, compvis_state_dict, load_state_dict_file, safe_torch_load,
-                               save_compvis)
+from klvae.checkpoints import check_state_dict, compvis_state_dict, load_state_dict_file, save_compvis
+from klvae.torchfile import Stub, read_torch_file
 
 
 @pytest.fixture(scope='module')
@@ -92,7 +92,7 @@ def test_lightning_ckpt_loads_without_importing_anything(tiny, tmp_path):
     vae = AutoencoderKL.from_pretrained(f)
     assert same_weights(vae, tiny)
     assert not any(m.startswith(('pytorch_lightning', 'omegaconf')) for m in sys.modules)
-    obj = safe_torch_load(f)
+    obj = read_torch_file(f)
     (cb,) = obj['callbacks']
     assert issubclass(cb, Stub) and cb.name == 'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint'
     assert obj['callbacks'][cb]['monitor'] == 'val/rec_loss'
@@ -133,7 +133,7 @@ def test_payload_beside_weights_stays_inert(tiny, tmp_path, marker, payload, zip
                _use_new_zipfile_serialization=zip_format)
     assert zipfile.is_zipfile(f) == zip_format
     assert same_weights(AutoencoderKL.from_pretrained(f), tiny)
-    stub = safe_torch_load(f)['callbacks']
+    stub = read_torch_file(f)['callbacks']
     assert isinstance(stub, Stub) and stub.name.split('.')[-1] in ('system', 'exec', 'call')
     assert not marker.exists()
 
@@ -152,7 +152,7 @@ def test_plain_malicious_pickle_is_an_error(tmp_path, marker, protocol):
     "A bare pickle (not torch.save) is refused; with protocol 2 it is unpickled inertly first, then refused"
     f = tmp_path/'model.pt'
     with open(f, 'wb') as fh: pickle.dump({'state_dict': SystemPayload(marker)}, fh, protocol=protocol)
-    with pytest.raises(ValueError, match='not a checkpoint|could not be read as a torch checkpoint'):
+    with pytest.raises(ValueError, match='not a checkpoint|plain pickle, not a torch.save file'):
         AutoencoderKL.from_pretrained(f)
     assert not marker.exists()
 
@@ -180,7 +180,7 @@ def test_not_a_checkpoint(tmp_path, content):
 
 def test_zip_that_is_not_torch(tmp_path):
     with zipfile.ZipFile(tmp_path/'x.pt', 'w') as z: z.writestr('readme.txt', 'hi')
-    with pytest.raises(ValueError, match='could not be read as a torch checkpoint'): AutoencoderKL.from_pretrained(tmp_path/'x.pt')
+    with pytest.raises(ValueError, match='not a torch.save file'): AutoencoderKL.from_pretrained(tmp_path/'x.pt')
 
 
 def test_truncated_safetensors(tiny, tmp_path):

@@ -87,7 +87,7 @@ def test_rfid_refuses_a_pickle_that_runs_code(tmp_path):
     f, marker = tmp_path/'evil.pth', tmp_path/'pwned'
     torch.save({'Mixed_7c.branch_pool.conv.weight': Evil(marker)}, f)
     x = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
-    with pytest.raises(pickle.UnpicklingError): rfid(x, x, f)
+    with pytest.raises(ValueError, match='REDUCE of .*getattr.*may only call'): rfid(x, x, f)
     assert not marker.exists()
 
 def test_rfid_plumbing_with_random_inception_and_no_network(tmp_path, monkeypatch, no_weights):
@@ -120,7 +120,8 @@ def test_evaluate_tiny_model_rows_and_columns():
     assert vae.training and all(p.grad is None for p in vae.parameters())   # mode restored, no gradients
     assert 'center crop 32x32' in df.attrs['protocol'] and 'random backbone, plumbing only' in df.attrs['protocol']
     again = evaluate(vae, ds, metrics=('psnr', 'ssim', 'lpips'), lpips_net='random', batch_size=3, progress=False)
-    assert np.allclose(again[['psnr', 'ssim']].to_numpy(), df[['psnr', 'ssim']].to_numpy())   # batching does not matter for 'mode'
+    # batching does not matter for 'mode', up to a uint8 rounding flip: the batch size changes oneDNN's conv kernel (seen on AVX2)
+    assert np.allclose(again[['psnr', 'ssim']].to_numpy(), df[['psnr', 'ssim']].to_numpy(), rtol=0, atol=1e-4)
     s = summarize(df, 'tiny')
     assert list(s.columns) == ['PSNR (dB)', 'SSIM', 'LPIPS (random backbone, plumbing only)', 'images']
     assert s.loc['tiny', 'PSNR (dB)'] == f"{df.psnr.mean():.2f} ± {np.std(df.psnr.to_numpy()):.2f}"
