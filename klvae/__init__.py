@@ -11,10 +11,12 @@ Modules:
 - `klvae.config`: The workbench's settings: where data, runs, reports and weight files live, read once from `settings.ini` and the environment.
 - `klvae.data`: Training and evaluation images as float tensors in [-1, 1]: the photographs shipped with scikit-image, any folder of images, and OpenImages v7.
 - `klvae.demo`: `make demo`: train the `cpu` preset on the embedded photos, measure the held-out photos, and write a training report to `reports/demo.html`.
+- `klvae.explore`: Widgets over the 32×32×4 latent space of an f=8 KL autoencoder: walk between two photos linearly or on the sphere, and watch what the decoder makes of the points in between.
 - `klvae.losses`: Reconstruction, LPIPS, KL and adversarial losses of the KL autoencoder, the PatchGAN discriminator, and which network each step trains.
 - `klvae.metrics`: PSNR, SSIM, LPIPS and rFID of reconstructions under the Table 8 protocol, and `evaluate()` returning one row per image.
 - `klvae.model`: Encoder, decoder and diagonal-Gaussian posterior of the KL-f8 autoencoder, weight-compatible with CompVis and Stable Diffusion.
-- `klvae.train`: One training loop for the KL autoencoder, from one CPU to many GPUs and nodes, launched from a notebook or the command line."""
+- `klvae.train`: One training loop for the KL autoencoder, from one CPU to many GPUs and nodes, launched from a notebook or the command line.
+- `klvae.vq`: Vector quantizer, VQ autoencoder and the LDM VQ first stages (vq-f4, vq-f8, vq-f16), weight-compatible with CompVis and diffusers."""
 
 __version__ = "0.0.1"
 """A Jupyter-first research workbench for the KL-f8 autoencoder of latent diffusion and Stable Diffusion.

@@ -33,7 +33,7 @@ from .model import VAEConfig, AutoencoderKL
 from .torchfile import CheckpointError, CheckpointNotFoundError, brief, open_torch_file, read_torch_file, TensorRef
 
 # %% ../nbs/02_checkpoints.ipynb #bf693b36
-KEY_PAIRS = [  # (CompVis fragment, diffusers fragment); `{}` is a level index
+KEY_PAIRS = [  # (CompVis fragment, diffusers fragment); each `{}` is an index, the first one a level index
     ('down.{}.block',       'down_blocks.{}.resnets'),
     ('down.{}.downsample',  'down_blocks.{}.downsamplers.0'),
     ('up.{}.block',         'up_blocks.{}.resnets'),          # decoder: level index reversed
@@ -45,6 +45,16 @@ KEY_PAIRS = [  # (CompVis fragment, diffusers fragment); `{}` is a level index
     ('mid.attn_1.k',        'mid_block.attentions.0.to_k'),
     ('mid.attn_1.v',        'mid_block.attentions.0.to_v'),
     ('mid.attn_1.proj_out', 'mid_block.attentions.0.to_out.0'),
+    ('down.{}.attn.{}.norm',     'down_blocks.{}.attentions.{}.group_norm'),  # attention inside a level (kl-f16, vq-f8)
+    ('down.{}.attn.{}.q',        'down_blocks.{}.attentions.{}.to_q'),
+    ('down.{}.attn.{}.k',        'down_blocks.{}.attentions.{}.to_k'),
+    ('down.{}.attn.{}.v',        'down_blocks.{}.attentions.{}.to_v'),
+    ('down.{}.attn.{}.proj_out', 'down_blocks.{}.attentions.{}.to_out.0'),
+    ('up.{}.attn.{}.norm',       'up_blocks.{}.attentions.{}.group_norm'),    # decoder: level index reversed
+    ('up.{}.attn.{}.q',          'up_blocks.{}.attentions.{}.to_q'),
+    ('up.{}.attn.{}.k',          'up_blocks.{}.attentions.{}.to_k'),
+    ('up.{}.attn.{}.v',          'up_blocks.{}.attentions.{}.to_v'),
+    ('up.{}.attn.{}.proj_out',   'up_blocks.{}.attentions.{}.to_out.0'),
     ('nin_shortcut',        'conv_shortcut'),
     ('norm_out',            'conv_norm_out'),
 ]
@@ -62,13 +72,13 @@ def rename_key(key:str,       # a state-dict key in the source layout
     "The name of state-dict key `key` in the other checkpoint layout"
     if to not in ('diffusers', 'compvis'): raise ValueError(f"to must be 'diffusers' or 'compvis', got {to!r}")
     if to == 'compvis':
-        key = re.sub(r'(attentions\.0\.)(query|key|value|proj_attn)(?=\.)', lambda m: m[1] + OLD_ATTENTION[m[2]], key)
+        key = re.sub(r'(attentions\.\d+\.)(query|key|value|proj_attn)(?=\.)', lambda m: m[1] + OLD_ATTENTION[m[2]], key)
     for c_re, c, d_re, d in _PAIRS_RE:
         src_re, dst = (c_re, d) if to == 'diffusers' else (d_re, c)
         def sub(m, dst=dst):
-            if not m.groups(): return dst
-            i = int(m[1])
-            return dst.format(n_levels-1-i if dst.startswith('up') else i)
+            idx = [int(g) for g in m.groups()]
+            if idx and dst.startswith('up'): idx[0] = n_levels-1-idx[0]
+            return dst.format(*idx)
         key = src_re.sub(sub, key)
     return key
 
@@ -97,7 +107,7 @@ def infer_config(sd:dict # CompVis-layout state dict of a KL autoencoder
     "The `VAEConfig` of a CompVis-layout state dict, read from its tensor shapes"
     def shape(k):
         if k not in sd: raise ValueError(f"cannot infer the model config: the checkpoint has no {k!r} "
-                                         "(pass config= to from_pretrained if this is a KL autoencoder of another shape)")
+                                         "(pass config= to from_pretrained if this is an autoencoder of another shape)")
         return tuple(sd[k].shape)
     ch, in_channels = shape('encoder.conv_in.weight')[:2]
     n = _n_levels(sd, r'encoder\.down\.(\d+)\.')
@@ -108,7 +118,8 @@ def infer_config(sd:dict # CompVis-layout state dict of a KL autoencoder
     z_channels = shape('decoder.conv_in.weight')[1]
     return VAEConfig(resolution=256, in_channels=in_channels, out_ch=shape('decoder.conv_out.weight')[0], ch=ch,
                      ch_mult=tuple(w//ch for w in widths), num_res_blocks=num_res_blocks,
-                     attn_resolutions=tuple(256 // 2**i for i in attn_levels), z_channels=z_channels,
+                     attn_resolutions=tuple(256 // 2**i for i in attn_levels), mid_attention='encoder.mid.attn_1.q.weight' in sd,
+                     z_channels=z_channels,
                      embed_dim=shape('quant_conv.weight')[0]//2, double_z=shape('encoder.conv_out.weight')[0] == 2*z_channels)
 
 # %% ../nbs/02_checkpoints.ipynb #22e35b5c
@@ -125,8 +136,7 @@ def config_from_diffusers(d:dict # the contents of a diffusers AutoencoderKL con
     unknown = sorted(k for k in d if not k.startswith('_') and k not in _DIFFUSERS_DEFAULTS)
     if unknown: raise ValueError(f"config.json has keys klvae does not know: {unknown}")
     c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith('_')}}
-    fixed = dict(act_fn='silu', norm_num_groups=32, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
-                 latents_mean=None, latents_std=None)
+    fixed = dict(act_fn='silu', norm_num_groups=32, use_quant_conv=True, use_post_quant_conv=True, latents_mean=None, latents_std=None)
     bad = {k: c[k] for k, v in fixed.items() if c[k] != v}
     bad |= {k: c[k] for k, t in [('down_block_types', 'DownEncoderBlock2D'), ('up_block_types', 'UpDecoderBlock2D')]
             if any(b != t for b in c[k])}
@@ -136,7 +146,7 @@ def config_from_diffusers(d:dict # the contents of a diffusers AutoencoderKL con
     if any(w % boc[0] for w in boc): raise ValueError(f"block_out_channels {boc} must be multiples of the first width")
     return VAEConfig(resolution=c['sample_size'], in_channels=c['in_channels'], out_ch=c['out_channels'], ch=boc[0],
                      ch_mult=tuple(w//boc[0] for w in boc), num_res_blocks=c['layers_per_block'],
-                     z_channels=c['latent_channels'], embed_dim=c['latent_channels'],
+                     mid_attention=bool(c['mid_block_add_attention']), z_channels=c['latent_channels'], embed_dim=c['latent_channels'],
                      scaling_factor=c['scaling_factor'], shift_factor=c['shift_factor'] or 0.0)
 
 def config_to_diffusers(cfg:VAEConfig)->dict:
@@ -150,7 +160,7 @@ def config_to_diffusers(cfg:VAEConfig)->dict:
             'in_channels': cfg.in_channels, 'out_channels': cfg.out_ch, 'down_block_types': ['DownEncoderBlock2D']*n,
             'up_block_types': ['UpDecoderBlock2D']*n, 'block_out_channels': [cfg.ch*m for m in cfg.ch_mult],
             'layers_per_block': cfg.num_res_blocks, 'latent_channels': cfg.z_channels, 'sample_size': cfg.resolution,
-            'scaling_factor': cfg.scaling_factor, 'shift_factor': cfg.shift_factor or None}
+            'mid_block_add_attention': cfg.mid_attention, 'scaling_factor': cfg.scaling_factor, 'shift_factor': cfg.shift_factor or None}
 
 # %% ../nbs/02_checkpoints.ipynb #2f00bc29
 def autoencoder_keys(keys:list)->list:
@@ -190,7 +200,8 @@ def load_state_dict_file(path:str|Path, # a .safetensors file, or a torch checkp
         except Exception as e: raise CheckpointError(f"{path}: a tensor could not be read: {brief(str(e))}") from e
 
 # %% ../nbs/02_checkpoints.ipynb #7f120463
-def compvis_state_dict(sd:dict # tensors as loaded from a diffusers or CompVis checkpoint
+def compvis_state_dict(sd:dict,                   # tensors as loaded from a diffusers or CompVis checkpoint
+                       what:str='KL autoencoder', # the kind of model expected, for the error message
                       )->dict:
     "The autoencoder's weights of a loaded checkpoint, in the CompVis layout"
     sd = {k.removeprefix('first_stage_model.'): sd[k] for k in autoencoder_keys(list(sd))}
@@ -198,7 +209,7 @@ def compvis_state_dict(sd:dict # tensors as loaded from a diffusers or CompVis c
     compvis = any(re.match(r'(encoder\.down|decoder\.up|(en|de)coder\.mid)\.', k) for k in sd)
     if diffusers and compvis: raise CheckpointError("the checkpoint mixes diffusers keys (down_blocks, mid_block) and CompVis keys (down, mid)")
     if not (diffusers or compvis):
-        raise CheckpointError(f"not a KL autoencoder checkpoint: none of its {len(sd)} keys belong to an encoder/decoder in the "
+        raise CheckpointError(f"not a {what} checkpoint: none of its {len(sd)} keys belong to an encoder/decoder in the "
                               f"diffusers or CompVis layout (first keys: {brief(list(sd)[:5])})")
     return convert_state_dict(sd, to='compvis') if diffusers else sd
 
@@ -220,12 +231,12 @@ def check_state_dict(model:torch.nn.Module, sd:dict, source:str='checkpoint'):
                ([f"{len(not_float)} weights that are not floating point {some(not_float)}"] if not_float else []) + \
                ([f"{len(not_finite)} weights with NaN or inf {some(not_finite)}"] if not_finite else [])
     if problems: raise CheckpointError(f"{source} does not fit the model {getattr(model, 'config', type(model).__name__)}:\n  " + "\n  ".join(problems) +
-                                       "\nPass the config the weights were trained with (config=...), or check that the file is a KL autoencoder.")
+                                       f"\nPass the config the weights were trained with (config=...), or check that the file is meant for {type(model).__name__}.")
 
 # %% ../nbs/02_checkpoints.ipynb #c42e659a
 _WEIGHT_NAMES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
 _CONFIG_LIMITS = dict(resolution=(1, 1 << 16), in_channels=(1, 16), out_ch=(1, 16), ch=(1, 1024), num_res_blocks=(1, 8),
-                      z_channels=(1, 256), embed_dim=(1, 256))
+                      z_channels=(1, 256), embed_dim=(1, 256), n_embed=(1, 1 << 20))  # n_embed: a VQ codebook's size
 
 def check_config(cfg, source:str='config'):
     "Raise a `CheckpointError` unless every size in `cfg` is one a real autoencoder could have"

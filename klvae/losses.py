@@ -17,7 +17,7 @@ Docs: https://github.com/klvae/klvae/losses.html.md"""
 
 # %% auto #0
 __all__ = ['D_LOSSES', 'RECIPES', 'lpips_vgg', 'hinge_d_loss', 'vanilla_d_loss', 'NLayerDiscriminator', 'adaptive_disc_weight',
-           'Recipe', 'trains', 'VAELoss']
+           'Recipe', 'trains', 'regulariser', 'VAELoss']
 
 # %% ../nbs/03_losses.ipynb #131dd17d
 import warnings
@@ -120,10 +120,12 @@ class Recipe:
     perceptual_weight: float = 0.5  # LPIPS weight inside the nll (seed 0.5, ldm 1.0)
     logvar: float = 0.0             # fixed log-variance of nll = rec/exp(logvar) + logvar; never trained (CompVis never optimizes it)
     kl_weight: float = 1e-6         # weight of KL(q(z|x) || N(0,I)), per image summed over latent dims, averaged over images
+    codebook_weight: float = 1.0    # weight of a VQ model's quantizer loss (taming's codebook_weight); KL models have none
     disc_start: int = 50000         # first 0-based global optimizer step with the discriminator on (`step >= disc_start`)
     disc_weight: float = 1.0        # factor on the adaptive weight (seed 1.0, ldm 0.5)
     disc_factor: float = 1.0        # factor on g_loss and d_loss once the discriminator is on (taming's disc_factor)
     disc_loss: str = 'hinge'        # discriminator loss: 'hinge' or 'vanilla'
+    disc_layers: int = 3            # PatchGAN depth (n_layers); taming's vq-f8 and vq-f16 use 2
     schedule: str = 'alternate'     # from disc_start: 'alternate' (disc, vae, disc, ...) or 'both' networks every step
     betas: tuple = (0.5, 0.9)       # Adam betas of both optimizers
 
@@ -138,6 +140,11 @@ class Recipe:
 RECIPES = {
     'seed': Recipe('seed'),  # kl-f8-vae.md
     'ldm': Recipe('ldm', rec_loss='l1', reduction='sum', perceptual_weight=1.0, disc_start=50001, disc_weight=0.5, schedule='both'),
+    # taming's VQLPIPSWithDiscriminator with each LDM VQ config's numbers (first_stage_models/*/config.yaml):
+    # L1 + LPIPS averaged over pixels, codebook_weight 1, hinge, both networks every step
+    **{n: Recipe(n, rec_loss='l1', perceptual_weight=1.0, kl_weight=0.0, disc_start=s, disc_weight=w, disc_layers=l, schedule='both')
+       for n, s, w, l in [('vq-f8', 1, 0.6, 2), ('vq-f8-n256', 250001, 0.75, 3), ('vq-f4', 0, 0.75, 3),
+                          ('vq-f4-noattn', 11, 0.75, 3), ('vq-f16', 250001, 0.75, 2)]},
 }
 
 # %% ../nbs/03_losses.ipynb #bccff62c
@@ -158,6 +165,17 @@ def _frozen_call(module:nn.Module, x:torch.Tensor)->torch.Tensor:
     try: return module(x)
     finally:
         for p, f in zip(module.parameters(), flags): p.requires_grad_(f)
+
+# %% ../nbs/03_losses.ipynb #e5f6a7b2
+def regulariser(aux)->tuple:
+    "The term a model's forward hands the objective: ('kl_loss', KL, {}) or ('codebook_loss', quantizer loss, usage logs)"
+    if hasattr(aux, 'kl'): return 'kl_loss', aux.kl().float().mean(), {}  # per image summed over latent dims; batch mean
+    if hasattr(aux, 'indices') and hasattr(aux, 'loss'):
+        counts = torch.bincount(aux.indices.flatten()).float()
+        p = counts[counts > 0]/counts.sum()
+        return 'codebook_loss', aux.loss.float(), {'perplexity': torch.exp(-(p*p.log()).sum()), 'codes_used': torch.tensor(float(len(p)))}
+    raise TypeError(f"the model's forward returned {type(aux).__name__} beside the reconstruction; expected a posterior "
+                    "(with .kl()) or quantized latents (with .loss and .indices)")
 
 # %% ../nbs/03_losses.ipynb #76d7396f
 class VAELoss(nn.Module):
@@ -194,23 +212,23 @@ class VAELoss(nn.Module):
 
     def generator_loss(self, x:torch.Tensor,       # real images (B,3,H,W) in [-1, 1]
                        rec:torch.Tensor,           # the VAE's reconstructions, with their graph
-                       posterior,                  # the VAE's DiagonalGaussian posterior
+                       aux,                        # the model's second output: a KL posterior or a VQ model's `Quantized`
                        step:int,                   # 0-based global optimizer step
                        discriminator:nn.Module,    # called only when the discriminator is on at `step`
                        last_layer:torch.Tensor     # `AutoencoderKL.last_layer`, for the adaptive weight
                       )->tuple:
-        "The VAE's loss and a dict of float logs: nll + kl_weight*KL (+ adaptive weight * disc_factor * g_loss from disc_start)"
+        "The VAE's loss and a dict of float logs: nll + the regulariser (KL or codebook) + adaptive weight * disc_factor * g_loss"
         r = self.recipe
         nll_loss, logs = self.nll(x, rec)
-        kl_loss = posterior.kl().float().mean()  # per image, summed over latent dims; averaged over the batch
-        loss = nll_loss + r.kl_weight*kl_loss
-        logs['kl_loss'] = kl_loss
+        name, reg, reg_logs = regulariser(aux)
+        loss = nll_loss + (r.kl_weight if name == 'kl_loss' else r.codebook_weight)*reg
+        logs |= {name: reg, **reg_logs}
         if r.disc_on(step):
             logits_fake = _frozen_call(discriminator, rec).float()
             g_loss = -logits_fake.mean()
             d_weight = adaptive_disc_weight(nll_loss, g_loss, last_layer, r.disc_weight, self.grad_mean)
             loss = loss + d_weight*r.disc_factor*g_loss
-            logs |= dict(g_loss=g_loss, logits_fake=logits_fake.mean(), disc_weight=d_weight, disc_factor=torch.tensor(r.disc_factor))
+            logs |= dict(g_loss=g_loss, g_logits_fake=logits_fake.mean(), disc_weight=d_weight, disc_factor=torch.tensor(r.disc_factor))
         else: logs |= dict(disc_weight=torch.tensor(0.0), disc_factor=torch.tensor(0.0))
         logs['loss'] = loss
         return loss, {k: v.item() for k, v in logs.items()}
@@ -227,5 +245,6 @@ class VAELoss(nn.Module):
                              f"disc_start={r.disc_start}); call discriminator_loss only when 'disc' in trains(step, recipe).")
         logits_real, logits_fake = discriminator(x).float(), discriminator(rec.detach()).float()
         d_loss = r.disc_factor*self.d_loss(logits_real, logits_fake)
-        logs = dict(d_loss=d_loss, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
+        real, fake = logits_real.mean(), logits_fake.mean()  # generator-side fakes are logged apart, as g_logits_fake
+        logs = dict(d_loss=d_loss, logits_real=real, d_logits_fake=fake, beyond_margin=((real > 1) & (fake < -1)).float())
         return d_loss, {k: v.item() for k, v in logs.items()}

@@ -33,6 +33,7 @@ class VAEConfig:
     ch_mult: tuple = (1, 2, 4, 4)    # width multipliers per level: 4 levels -> f=8
     num_res_blocks: int = 2          # ResNet blocks per encoder level (the decoder has one more)
     attn_resolutions: tuple = ()     # feature-map sizes that get self-attention besides the mid block
+    mid_attention: bool = True       # self-attention in the mid block (False: none, no weights, as vq-f4-noattn)
     dropout: float = 0.0             # dropout inside ResNet blocks
     z_channels: int = 4              # latent channels
     embed_dim: int = 4               # channels after quant_conv (equal to z_channels in every LDM config)
@@ -115,9 +116,11 @@ def _run(module, x, ckpt:bool):
     "Apply `module`, recomputing its activations in backward when gradient checkpointing is on"
     return checkpoint(module, x, use_reentrant=False) if ckpt and torch.is_grad_enabled() else module(x)
 
-def _mid(c, dropout):
+def _mid(c, dropout, attention=True):
     mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c, dropout), AttnBlock(c), ResnetBlock(c, c, dropout)
+    mid.block_1 = ResnetBlock(c, c, dropout)
+    mid.attn_1 = AttnBlock(c) if attention else nn.Identity()  # Identity holds no weights, as CompVis attn_type='none'
+    mid.block_2 = ResnetBlock(c, c, dropout)
     return mid
 
 def _level(blocks, attns, resample=None):
@@ -142,7 +145,7 @@ class Encoder(nn.Module):
                 if res in cfg.attn_resolutions: attns.append(AttnBlock(c))
             self.down.append(_level(blocks, attns, Downsample(c) if i != n-1 else None))
             if i != n-1: res //= 2
-        self.mid = _mid(c, cfg.dropout)
+        self.mid = _mid(c, cfg.dropout, cfg.mid_attention)
         self.norm_out = Normalize(c)
         self.conv_out = nn.Conv2d(c, 2*cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
@@ -166,7 +169,7 @@ class Decoder(nn.Module):
         widths, n = [cfg.ch*m for m in cfg.ch_mult], len(cfg.ch_mult)
         c, res = widths[-1], cfg.resolution // 2**(n-1)
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = _mid(c, cfg.dropout)
+        self.mid = _mid(c, cfg.dropout, cfg.mid_attention)
         levels = []
         for i in reversed(range(n)):
             blocks, attns = [], []

@@ -20,7 +20,8 @@ Docs: https://github.com/klvae/klvae/train.html.md"""
 # %% auto #0
 __all__ = ['CKPT_FILES', 'TrainConfig', 'parse_value', 'train_config', 'lr_factor', 'rank_batches', 'heldout_crops',
            'make_dataset', 'SyncBatchNorm2d', 'EMA', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint',
-           'read_log', 'validate', 'train', 'cli_parser', 'main']
+           'read_log', 'validate', 'build_model', 'cpu_bf16_supported', 'resolve_precision', 'train', 'cli_parser',
+           'main']
 
 # %% ../nbs/06_train.ipynb #65e823eb
 import argparse, contextlib, importlib, inspect, json, math, os, re, shutil, sys, time, warnings
@@ -33,9 +34,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from .config import get_settings, find_weights
 from .model import AutoencoderKL, PRESETS
+from .vq import VQModel, VQ_PRESETS
 from .checkpoints import check_state_dict
 from .torchfile import read_torch_file
-from .losses import RECIPES, D_LOSSES, NLayerDiscriminator, VAELoss, lpips_vgg, trains
+from .losses import RECIPES, D_LOSSES, NLayerDiscriminator, VAELoss, lpips_vgg, trains, regulariser
 from .data import EmbeddedPhotos, ImageFolder, VAL_PHOTOS, image_grid, item_generator, to_uint8
 from .metrics import psnr, ssim
 
@@ -44,12 +46,12 @@ from .metrics import psnr, ssim
 class TrainConfig:
     "A training run's settings; the defaults are the paper's kl-f8 run (`autoencoder_kl_32x32x4.yaml`)"
     # model and objective
-    model: str = 'kl-f8'            # klvae.model.PRESETS name: kl-f8, kl-f4, kl-f16, kl-f32, tiny
-    recipe: str = 'ldm'             # klvae.losses.RECIPES name: 'ldm' (the paper's config) or 'seed' (kl-f8-vae.md)
+    model: str = 'kl-f8'            # a PRESETS name (KL: kl-f8, kl-f4, kl-f16, kl-f32, tiny) or a VQ_PRESETS name (vq-f8, ..., tiny-vq)
+    recipe: str = 'ldm'             # klvae.losses.RECIPES name: 'ldm' (the paper's config), 'seed' (kl-f8-vae.md), 'vq-f8', ...
     disc_loss: str = ''             # 'hinge' or 'vanilla'; empty: the recipe's (hinge)
     disc_start: int = -1            # first 0-based step with the discriminator on; -1: the recipe's (ldm 50001, seed 50000)
     perceptual: str = 'auto'        # LPIPS term: 'on' (needs vgg16-397923af.pth), 'off', or 'auto' (on when the file is found)
-    sample_posterior: bool = True   # decode a posterior sample (training as in the paper); false: decode the mean
+    sample_posterior: bool = True   # decode a posterior sample (training as in the paper); false: decode the mean (VQ: no effect)
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
     # data
     data: str = 'embedded'          # training images: 'embedded' (scikit-image photos, train split) or an image folder
@@ -67,7 +69,7 @@ class TrainConfig:
     lr_schedule: str = 'constant'   # after warmup: 'constant' or 'cosine' (to 0 at `steps`)
     warmup_steps: int = 0           # linear warmup from lr/warmup_steps to lr
     max_grad_norm: float = 0.0      # clip each network's gradient norm to this; 0: no clipping (LDM does not clip)
-    mixed_precision: str = 'no'     # 'no', 'bf16' or 'fp16' (CUDA only): autocast over fp32 master weights, fp16 with loss scaling
+    mixed_precision: str = 'no'     # 'no', 'bf16', 'fp16' (CUDA only) or 'auto' (bf16 where the device supports it): autocast over fp32 weights
     ema_decay: float = 0.0          # EMA of the VAE's weights, updated on VAE steps, exported at the end; 0: off
     seed: int = 0                   # data order, crops, posterior noise, init: all derived from (seed, step, rank)
     max_nonfinite: int = 5          # stop after this many non-finite steps in a row
@@ -82,8 +84,8 @@ class TrainConfig:
     tensorboard: bool = False       # also write the log's scalars to <run_dir>/tb
 
     def __post_init__(self):
-        choices = dict(model=tuple(PRESETS), recipe=tuple(RECIPES), disc_loss=('', *D_LOSSES), perceptual=('on', 'off', 'auto'),
-                       lr_schedule=('constant', 'cosine'), mixed_precision=('no', 'bf16', 'fp16'))
+        choices = dict(model=(*PRESETS, *VQ_PRESETS), recipe=tuple(RECIPES), disc_loss=('', *D_LOSSES), perceptual=('on', 'off', 'auto'),
+                       lr_schedule=('constant', 'cosine'), mixed_precision=('no', 'bf16', 'fp16', 'auto'))
         for k, ok in choices.items():
             if getattr(self, k) not in ok: raise ValueError(f"TrainConfig {k}={getattr(self, k)!r}; choose one of {ok}")
         for k in ('steps', 'batch_size', 'grad_accum', 'keep_ckpts', 'max_nonfinite', 'val_images', 'repeats', 'log_every'):
@@ -307,14 +309,38 @@ def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
              x:torch.Tensor,  # fixed validation images (B, 3, H, W) in [-1, 1]
              png:Path|None=None # where to save the grid
             )->dict:
-    "PSNR and SSIM of the posterior-mean reconstructions of `x`, and their grid as a PNG"
+    "PSNR and SSIM of the posterior-mean reconstructions of `x` (and a VQ model's codebook usage), and their grid as a PNG"
     was = vae.training
     vae.eval()
-    rec = vae(x, sample_posterior=False)[0].float()
+    rec, aux = vae(x, sample_posterior=False)
+    rec, usage = rec.float(), {f'val/{k}': v.item() for k, v in regulariser(aux)[2].items()}
     vae.train(was)
     if png is not None: image_grid(torch.cat([x.float(), rec]).cpu(), ncol=len(x)).save(png)
     a, b = to_uint8(x.float()), to_uint8(rec)
-    return {'val/psnr': psnr(a, b).mean().item(), 'val/ssim': ssim(a, b).mean().item()}
+    return {'val/psnr': psnr(a, b).mean().item(), 'val/ssim': ssim(a, b).mean().item(), **usage}
+
+# %% ../nbs/06_train.ipynb #a7c3e1f1
+def build_model(name:str)->nn.Module:
+    "The untrained autoencoder a preset names: `AutoencoderKL` for a `PRESETS` name, `VQModel` for a `VQ_PRESETS` name"
+    if name in PRESETS: return AutoencoderKL(PRESETS[name])
+    if name in VQ_PRESETS: return VQModel(VQ_PRESETS[name])
+    raise ValueError(f"no model preset {name!r}; KL: {list(PRESETS)}, VQ: {list(VQ_PRESETS)}")
+
+def cpu_bf16_supported()->bool:
+    "Whether oneDNN reports bf16 support on this CPU (avx512 with bf16 kernels, AMX)"
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+def resolve_precision(requested:str, # TrainConfig.mixed_precision: 'no', 'bf16', 'fp16' or 'auto'
+                      cuda:bool,     # training on CUDA devices
+                     )->tuple[str, str]:
+    "The mixed precision a run uses ('no', 'bf16' or 'fp16') and the reason, resolving 'auto' by the device's bf16 support"
+    if requested != 'auto': return requested, f"mixed_precision={requested!r} as configured"
+    if cuda:
+        return ('bf16', 'auto: this CUDA device supports bf16') if torch.cuda.is_bf16_supported() else \
+               ('no', 'auto: this CUDA device has no bf16, so fp32')
+    return ('bf16', 'auto: oneDNN reports bf16 support on this CPU') if cpu_bf16_supported() else \
+           ('no', f"auto: oneDNN reports no bf16 support on this CPU ({torch.backends.cpu.get_cpu_capability()}), so fp32 "
+                  "(emulated bf16 would be slower)")
 
 # %% ../nbs/06_train.ipynb #e9653221
 def _perceptual(mode:str)->tuple:
@@ -362,12 +388,13 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
           train_data=None,     # Dataset of (3, H, W) images in [-1, 1]; default: make_dataset(cfg.data, cfg, True)
           val_data=None,       # default: make_dataset(cfg.val_data, cfg, False)
          )->Path:
-    "Train a KL autoencoder on every process this is launched on; returns the run folder"
+    "Train a KL or VQ autoencoder on every process this is launched on; returns the run folder"
     cpu = not torch.cuda.is_available()
-    if cpu and cfg.mixed_precision == 'fp16':  # accelerate would train in float32 without a word
+    precision, why = resolve_precision(cfg.mixed_precision, cuda=not cpu)
+    if cpu and precision == 'fp16':  # accelerate would train in float32 without a word
         raise ValueError("mixed_precision='fp16' needs a CUDA GPU (autocast to fp16 with loss scaling); on this CPU-only machine "
-                         "use mixed_precision='bf16' or 'no'.")
-    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+                         "use mixed_precision='bf16', 'auto' or 'no'.")
+    acc = Accelerator(cpu=cpu, mixed_precision=precision)
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     run = _run_folder(cfg, acc)
     recipe = replace(RECIPES[cfg.recipe], **({'disc_loss': cfg.disc_loss} if cfg.disc_loss else {}),
@@ -377,8 +404,8 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     val_data = val_data if val_data is not None else make_dataset(cfg.val_data, cfg, False)
     val_x = torch.stack([val_data[i] for i in range(min(cfg.val_images, len(val_data)))]).to(acc.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
-    vae = AutoencoderKL(PRESETS[cfg.model]).enable_gradient_checkpointing(cfg.gradient_checkpointing)
-    disc = NLayerDiscriminator()
+    vae = build_model(cfg.model).enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    disc = NLayerDiscriminator(n_layers=recipe.disc_layers)
     if world > 1: disc = SyncBatchNorm2d.convert(disc)
     lr = cfg.lr*(cfg.batch_size*cfg.grad_accum*world if cfg.scale_lr else 1)
     opts = [torch.optim.Adam(m.parameters(), lr=lr, betas=recipe.betas) for m in (vae, disc)]
@@ -411,6 +438,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
         _truncate_log(log_file, step)
         info = dict(config=asdict(cfg), processes=world, device=str(acc.device), lr=lr, global_batch=cfg.batch_size*cfg.grad_accum*world,
                     recipe=asdict(recipe), perceptual=p_note, vae_parameters=n_params,
+                    precision={'used': precision, 'reason': why},
                     train_data=repr(train_data), val_data=repr(val_data), resumed_from=step or None,
                     versions={'torch': torch.__version__}, started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
         (run/'config.json').write_text(json.dumps(info, indent=1, default=str))
@@ -424,12 +452,12 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     def validate_now():
         if main:
             model = acc.unwrap_model(vae)
-            if ema is not None: model = ema.copy_to(AutoencoderKL(PRESETS[cfg.model]).to(acc.device))
+            if ema is not None: model = ema.copy_to(build_model(cfg.model).to(acc.device))
             log({'step': step, **validate(model, val_x, run/'val'/f'step_{step:07d}.png')})
         acc.wait_for_everyone()
     acc.print(f"klvae run {run}: {world} process(es) on {acc.device}, {cfg.model} ({n_params/1e6:.1f}M parameters), "
               f"recipe {recipe.name}, discriminator from step {recipe.disc_start}, lr {lr:.3g}, global batch "
-              f"{cfg.batch_size*cfg.grad_accum*world}, mixed precision {cfg.mixed_precision}\nLPIPS {p_note}")
+              f"{cfg.batch_size*cfg.grad_accum*world}, precision {precision} ({why})\nLPIPS {p_note}")
     if step == 0: validate_now()
 
     in_a_row, busy, images, interval, trained = 0, 0.0, 0, {}, set()   # interval: term -> (sum, count) since the last row
@@ -446,8 +474,8 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
                 if micro < cfg.grad_accum - 1: [no_sync.enter_context(acc.no_sync(m)) for m in (vae, disc)]
                 if 'vae' in nets:
                     with acc.autocast():
-                        rec, posterior = vae(x, sample_posterior=cfg.sample_posterior)
-                        with acc.no_sync(disc): loss, terms = objective.generator_loss(x, rec, posterior, step, disc, last_layer)
+                        rec, aux = vae(x, sample_posterior=cfg.sample_posterior)   # aux: the posterior, or the quantized latents
+                        with acc.no_sync(disc): loss, terms = objective.generator_loss(x, rec, aux, step, disc, last_layer)
                     acc.backward(loss/cfg.grad_accum)
                 else:
                     with torch.no_grad(), acc.autocast(): rec = vae(x, sample_posterior=cfg.sample_posterior)[0]
@@ -466,7 +494,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
             acc.unscale_gradients(opt)
             norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm or float('inf'))
             logs[f'grad_norm_{name}'] = norm.item()
-            bad = bad or (not math.isfinite(logs[f'grad_norm_{name}']) and cfg.mixed_precision != 'fp16')  # fp16: the scaler skips
+            bad = bad or (not math.isfinite(logs[f'grad_norm_{name}']) and precision != 'fp16')  # fp16: the scaler skips
             if not bad:
                 opt.step()
                 if name == 'vae' and ema is not None and not opt.step_was_skipped: ema.update(acc.unwrap_model(vae))
@@ -503,7 +531,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     bar.close()
     if main:
         final = acc.unwrap_model(vae)
-        if ema is not None: final = ema.copy_to(AutoencoderKL(PRESETS[cfg.model]))
+        if ema is not None: final = ema.copy_to(build_model(cfg.model))
         final.save_pretrained(run/'vae')
         if tb: tb.close()
     acc.wait_for_everyone()

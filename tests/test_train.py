@@ -148,7 +148,7 @@ def test_two_processes_match_one_with_discriminator(tmp_path):
     assert [r['trains'] for r in two] == ['vae+disc']*4
     for a, b in zip(one, two):
         tol = 1e-5 if a['step'] == 1 else 2e-2
-        for k in ('train/rec_loss', 'train/disc_weight', 'train/d_loss', 'train/logits_real', 'train/logits_fake', 'train/grad_norm_disc'):
+        for k in ('train/rec_loss', 'train/disc_weight', 'train/d_loss', 'train/logits_real', 'train/d_logits_fake', 'train/g_logits_fake', 'train/grad_norm_disc'):
             assert abs(a[k] - b[k]) <= tol*abs(a[k]) + 1e-5, (k, a, b)
     # no comparison of the final weights: with the GAN on from step 0 the adaptive weight is ~100 and the VAE's gradient
     # norm ~2e4, so float32 rounding grows to visible differences within four steps (the runs above compare them)
@@ -162,9 +162,10 @@ def test_gradient_accumulation_matches_batch(tmp_path):
     d = (reconstruct(tmp_path/'b2'/'vae') - reconstruct(tmp_path/'acc'/'vae')).abs().max().item()
     assert d < 2e-3, d
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    "Kill a run with SIGKILL after a checkpoint; resuming gives the VAE, discriminator and EMA of an uninterrupted run"
-    common = ['--preset', 'ci', '--steps', '8', '--ckpt-every', '2', '--keep-ckpts', '2', '--ema-decay', '0.9', '--perceptual', 'off']
+@pytest.mark.parametrize('preset', ['ci', 'ci-vq'])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, preset):
+    "Kill a run with SIGKILL after a checkpoint; resuming gives the VAE, discriminator and EMA of an uninterrupted run (KL and VQ)"
+    common = ['--preset', preset, '--steps', '8', '--ckpt-every', '2', '--keep-ckpts', '2', '--ema-decay', '0.9', '--perceptual', 'off']
     run(cli(*common, '--run-dir', str(tmp_path/'full')))
     killed = tmp_path/'killed'
     p = subprocess.Popen(cli(*common, '--run-dir', str(killed)), cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
@@ -251,3 +252,36 @@ def test_accelerate_launch_runs_the_module(tmp_path):
          '--dynamo_backend', 'no', '-m', 'klvae.train', '--preset', 'ci', '--run-dir', str(tmp_path/'al'), '--perceptual', 'off'])
     assert [r['step'] for r in log_rows(tmp_path/'al') if 'trains' in r] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path/'al'/'vae'/'diffusion_pytorch_model.safetensors').is_file()
+
+@pytest.mark.parametrize('probe', [True, False])
+def test_auto_precision_follows_the_device_probe(tmp_path, probe):
+    "mixed_precision='auto' is bf16 exactly when the CPU probe says so (forced both ways); the choice and reason are recorded"
+    script = textwrap.dedent(f'''
+        import klvae.train as t
+        t.cpu_bf16_supported = lambda: {probe}
+        t.train(t.train_config('ci', run_dir={str(tmp_path/'auto')!r}, perceptual='off', mixed_precision='auto'))
+    ''')
+    r = run([sys.executable, '-c', script])
+    info = json.loads((tmp_path/'auto'/'config.json').read_text())
+    assert info['config']['mixed_precision'] == 'auto'
+    assert info['precision']['used'] == ('bf16' if probe else 'no')
+    assert ('reports bf16 support' if probe else 'reports no bf16 support') in info['precision']['reason']
+    assert f"precision {'bf16' if probe else 'no'} (auto:" in r.stdout
+    rows = [r for r in log_rows(tmp_path/'auto') if 'trains' in r]
+    assert len(rows) == 6 and all(r['train/loss'] == r['train/loss'] and abs(r['train/loss']) < 1e6 for r in rows if 'train/loss' in r)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights(tmp_path/'auto'/'vae').values())
+
+
+def test_ci_vq_preset_trains_a_vq_model(tmp_path):
+    "The same loop trains the VQ family: codebook loss and usage logged, validation reports usage, the export is a VQModel"
+    run(cli('--preset', 'ci-vq', '--run-dir', str(tmp_path/'vq'), '--perceptual', 'off'))
+    rows = log_rows(tmp_path/'vq')
+    train_rows = [r for r in rows if 'trains' in r]
+    assert [r['trains'] for r in train_rows] == ['vae']*3 + ['vae+disc']*3                      # vq-f8 recipe: both nets every step
+    assert all('train/codebook_loss' in r and 'train/perplexity' in r and 'train/kl_loss' not in r for r in train_rows)
+    assert all(r['train/g_loss'] == r['train/g_loss'] for r in train_rows[3:])                  # the GAN term from disc_start
+    assert all('val/perplexity' in r and 'val/codes_used' in r for r in rows if 'val/psnr' in r)
+    cfg = json.loads((tmp_path/'vq'/'vae'/'config.json').read_text())
+    assert cfg['_class_name'] == 'VQModel' and cfg['num_vq_embeddings'] == 256
+    disc = weights(tmp_path/'vq'/'checkpoints'/'step_0000006', 'discriminator')
+    assert sum(k.endswith('running_mean') for k in disc) == 2                                    # the 2-layer PatchGAN of vq-f8
