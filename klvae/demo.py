@@ -99,7 +99,7 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     except FileNotFoundError: metrics = ('psnr', 'ssim')   # said in the protocol below, as train said it at the start
     torch.manual_seed(cfg.seed)
     done = f'trained ({cfg.steps} steps)'
-    models = {'untrained (step 0)': build_model(cfg.model), done: load_autoencoder(run/'vae')}
+    models = {'untrained (step 0)': build_model(cfg.model, cfg.width), done: load_autoencoder(run/'vae')}
     dfs = {(n, s): evaluate(m, ds, metrics=metrics, progress=False) for s, ds in heldout_sets(cfg.resolution, cfg.zoom or None).items()
            for n, m in models.items()}
     table = pd.concat([summarize(df, name=f'{n}, {s}') for (n, s), df in dfs.items()])

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .config import find_weights
 from .data import to_uint8, item_generator
 from .checkpoints import load_state_dict_file
+from .vq import VQModel, CodebookUsage, VQ_PRESETS
 
 # %% ../nbs/05_metrics.ipynb #e5046296
 def _uint8_pair(x:torch.Tensor, y:torch.Tensor)->tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +190,7 @@ def evaluate(model:nn.Module,          # forward(x, sample_posterior, generator)
         notes['rfid'] = inception_note(inception_weights)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     cols, refs, recs = {m: [] for m in metrics if m != 'rfid'}, [], []
+    usage = CodebookUsage(model.config.n_embed) if isinstance(model, VQModel) else None   # Table 8 reports a VQ model's codebook use
     was_training = model.training
     model.eval()
     try:
@@ -199,7 +201,9 @@ def evaluate(model:nn.Module,          # forward(x, sample_posterior, generator)
                 if posterior == 'sample':
                     g = torch.Generator(device).manual_seed(item_generator(seed, 0, i).initial_seed())
                 x = x.to(device)
-                rec = model(x.to(dtype), sample_posterior=posterior == 'sample', generator=g)[0]
+                out = model(x.to(dtype), sample_posterior=posterior == 'sample', generator=g)
+                rec = out[0]
+                if usage is not None: usage.update(out[1].indices)
                 a, b = to_uint8(x.float()), to_uint8(rec.float())   # clamped to [-1, 1], then 8-bit; measured on `device`
                 if 'psnr' in metrics: cols['psnr'].append(psnr(a, b).cpu())
                 if 'ssim' in metrics: cols['ssim'].append(ssim(a, b).cpu())
@@ -210,6 +214,7 @@ def evaluate(model:nn.Module,          # forward(x, sample_posterior, generator)
     df = pd.DataFrame({'image': names, **{m: torch.cat(v).numpy() for m, v in cols.items()}})
     df.attrs.update(model=type(model).__name__, posterior=posterior, metrics=metrics, notes=notes,
                     protocol=_protocol(dataset, metrics, posterior, notes))
+    if usage is not None: df.attrs['codebook'] = dict(used=usage.used, perplexity=usage.perplexity, n_embed=usage.n_embed)
     if 'rfid' in metrics: df.attrs['rfid'] = rfid(torch.cat(refs), torch.cat(recs), inception_weights)
     return df
 
@@ -238,6 +243,10 @@ def summarize(df:pd.DataFrame,     # per-image metrics from `evaluate`
         if m not in df: continue
         header = _HEADERS[m] + (f" ({notes[m]})" if m == 'lpips' and 'plumbing' in notes.get(m, '') else '')
         row[header], numbers[m] = _mean_std(df[m].to_numpy(dtype=float), _DIGITS[m])
+    if 'codebook' in df.attrs:   # a VQ model's code histogram over these images
+        cb = df.attrs['codebook']
+        row['codes used'], row['perplexity'] = f"{cb['used']:.2%} of {cb['n_embed']}", f"{cb['perplexity']:.1f}"
+        numbers.update(codes_used=cb['used'], perplexity=cb['perplexity'])
     row['images'] = len(df)
     out = pd.DataFrame([row], index=[name or df.attrs.get('model', 'model')])
     out.attrs.update(numbers=numbers, protocol=df.attrs.get('protocol', ''),

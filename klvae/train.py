@@ -53,6 +53,7 @@ class TrainConfig:
     perceptual: str = 'auto'        # LPIPS term: 'on' (needs vgg16-397923af.pth), 'off', or 'auto' (on when the file is found)
     sample_posterior: bool = True   # decode a posterior sample (training as in the paper); false: decode the mean (VQ: no effect)
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
+    width: int = 0                  # the model's base channel count `ch` (a multiple of 32, for GroupNorm); 0: the preset's (kl-f8: 128)
     # data
     data: str = 'embedded'          # training images: 'embedded' (scikit-image photos, train split) or an image folder
     val_data: str = 'embedded'      # validation: 'embedded' (fixed crops of the held-out photos) or an image folder
@@ -92,6 +93,7 @@ class TrainConfig:
             if getattr(self, k) < 1: raise ValueError(f"TrainConfig {k}={getattr(self, k)}; it must be >= 1")
         for k in ('num_workers', 'warmup_steps', 'val_every', 'ckpt_every', 'seed'):
             if getattr(self, k) < 0: raise ValueError(f"TrainConfig {k}={getattr(self, k)}; it must be >= 0")
+        if self.width < 0 or self.width % 32: raise ValueError(f"TrainConfig width={self.width}; use a multiple of 32 (GroupNorm has 32 groups), or 0 for the preset's")
         if self.resolution % 8: raise ValueError(f"TrainConfig resolution={self.resolution}; it must be a multiple of 8")
         if self.zoom and self.zoom < 1: raise ValueError(f"TrainConfig zoom={self.zoom}; it must be >= 1 (the crop must fit), or 0 for native size")
         if not 0 <= self.ema_decay < 1: raise ValueError(f"TrainConfig ema_decay={self.ema_decay}; it must be in [0, 1)")
@@ -320,10 +322,13 @@ def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
     return {'val/psnr': psnr(a, b).mean().item(), 'val/ssim': ssim(a, b).mean().item(), **usage}
 
 # %% ../nbs/06_train.ipynb #a7c3e1f1
-def build_model(name:str)->nn.Module:
-    "The untrained autoencoder a preset names: `AutoencoderKL` for a `PRESETS` name, `VQModel` for a `VQ_PRESETS` name"
-    if name in PRESETS: return AutoencoderKL(PRESETS[name])
-    if name in VQ_PRESETS: return VQModel(VQ_PRESETS[name])
+def build_model(name:str,   # a PRESETS (KL) or VQ_PRESETS name
+                width:int=0  # base channel count `ch`; 0: the preset's
+               )->nn.Module:
+    "The untrained autoencoder a preset names, `AutoencoderKL` or `VQModel`, at the preset's width or `width`"
+    change = dict(ch=width) if width else {}
+    if name in PRESETS: return AutoencoderKL(replace(PRESETS[name], **change))
+    if name in VQ_PRESETS: return VQModel(replace(VQ_PRESETS[name], **change))
     raise ValueError(f"no model preset {name!r}; KL: {list(PRESETS)}, VQ: {list(VQ_PRESETS)}")
 
 def cpu_bf16_supported()->bool:
@@ -404,7 +409,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     val_data = val_data if val_data is not None else make_dataset(cfg.val_data, cfg, False)
     val_x = torch.stack([val_data[i] for i in range(min(cfg.val_images, len(val_data)))]).to(acc.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
-    vae = build_model(cfg.model).enable_gradient_checkpointing(cfg.gradient_checkpointing)
+    vae = build_model(cfg.model, cfg.width).enable_gradient_checkpointing(cfg.gradient_checkpointing)
     disc = NLayerDiscriminator(n_layers=recipe.disc_layers)
     if world > 1: disc = SyncBatchNorm2d.convert(disc)
     lr = cfg.lr*(cfg.batch_size*cfg.grad_accum*world if cfg.scale_lr else 1)
@@ -452,7 +457,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     def validate_now():
         if main:
             model = acc.unwrap_model(vae)
-            if ema is not None: model = ema.copy_to(build_model(cfg.model).to(acc.device))
+            if ema is not None: model = ema.copy_to(build_model(cfg.model, cfg.width).to(acc.device))
             log({'step': step, **validate(model, val_x, run/'val'/f'step_{step:07d}.png')})
         acc.wait_for_everyone()
     acc.print(f"klvae run {run}: {world} process(es) on {acc.device}, {cfg.model} ({n_params/1e6:.1f}M parameters), "
@@ -531,7 +536,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     bar.close()
     if main:
         final = acc.unwrap_model(vae)
-        if ema is not None: final = ema.copy_to(build_model(cfg.model))
+        if ema is not None: final = ema.copy_to(build_model(cfg.model, cfg.width))
         final.save_pretrained(run/'vae')
         if tb: tb.close()
     acc.wait_for_everyone()

@@ -46,3 +46,47 @@ def test_killed_study_resumes_and_a_finished_one_trains_nothing(tmp_path):
 def test_klvae_study_cli(tmp_path):
     r = run([str(BIN/'klvae-study'), 'nope'], check=False, env=env_for(tmp_path))
     assert r.returncode == 2 and "no study 'nope'" in r.stderr and 'hinge-vs-vanilla' in r.stderr
+
+
+def test_table8_eval_on_compvis_kl_and_vq_checkpoints(tmp_path):
+    "The Table 8 protocol on checkpoints a user would bring: a CompVis-layout KL .ckpt and a VQ Lightning-style .ckpt"
+    import numpy as np, torch
+    from PIL import Image
+    from klvae.model import AutoencoderKL, PRESETS
+    from klvae.vq import VQModel, VQ_PRESETS
+    from klvae.checkpoints import save_compvis
+    from klvae.metrics import psnr
+    from klvae.data import to_tensor
+    from klvae.study import table8_eval
+    from klvae.torchfile import CheckpointError
+    torch.manual_seed(0)
+    kl, vq = AutoencoderKL(PRESETS['tiny']).eval(), VQModel(VQ_PRESETS['tiny-vq']).eval()
+    save_compvis(kl, tmp_path/'kl-f8.ckpt')
+    torch.save({'global_step': 7, 'state_dict': {f'first_stage_model.{k}': v for k, v in vq.state_dict().items()}}, tmp_path/'vq.ckpt')
+    folder, rng = tmp_path/'val', np.random.default_rng(0)
+    (folder/'sub').mkdir(parents=True)
+    sizes = {'a.png': (300, 260), 'b.jpg': (256, 400), 'sub/c.png': (512, 300), 'd.png': (280, 280)}
+    for name, (w, h) in sizes.items():   # smooth images, so that a reconstruction is not noise against noise
+        y, x = np.mgrid[0:h, 0:w]
+        img = np.stack([(x*255//w), (y*255//h), ((x + y)*255//(w + h))], -1).astype(np.uint8)
+        Image.fromarray(img).save(folder/name, quality=95)
+    t = table8_eval({'kl': tmp_path/'kl-f8.ckpt', 'vq': tmp_path/'vq.ckpt'}, folder, n=3, progress=False)
+    assert list(t.index) == ['kl', 'vq']
+    assert t[['f', 'type', 'c']].values.tolist() == [[8, 'KL', 4], [8, 'VQ 256', 4]]
+    assert list(t.columns[:4]) == ['f', 'type', 'c', 'PSNR (dB)'] and t.attrs['images'] == 3
+    assert pd.isna(t.loc['kl', 'codes used']) and t.loc['vq', 'codes used'].endswith('of 256')
+    assert 'center crop 256x256' in t.attrs['protocol']
+    # the numbers are the protocol's: first 3 files by path, short side to 256 (bicubic), center crop, the saved weights
+    for label, model in (('kl', kl), ('vq', vq)):
+        want = []
+        for name in sorted(sizes)[:3]:
+            img = Image.open(folder/name).convert('RGB'); w, h = img.size; s = 256/min(w, h)
+            img = img.resize((max(256, round(w*s)), max(256, round(h*s))), Image.BICUBIC) if min(w, h) != 256 else img
+            l, u = (img.size[0] - 256)//2, (img.size[1] - 256)//2
+            x = to_tensor(img.crop((l, u, l + 256, u + 256)))[None]
+            with torch.no_grad(): want.append(psnr(x, model(x, sample_posterior=False)[0]).item())
+        assert np.allclose(t.attrs['per_image'][label].psnr, want, atol=1e-4), label
+    with pytest.raises(CheckpointError, match='nothing.ckpt'):
+        table8_eval({'x': tmp_path/'nothing.ckpt'}, folder, n=1, progress=False)
+    with pytest.raises(ValueError, match='models is empty'):
+        table8_eval({}, folder)
