@@ -37,9 +37,12 @@ test: sync nbtest pytest
 demo: venv
 	$(BIN)/python -m klvae.demo
 
-# the notebooks, with their outputs, as offline HTML pages in reports/
+# the companion notebooks executed at SCALE (report: the committed pages; ci: minutes), the library notebooks, the demo's
+# page and an index, as offline HTML pages in OUT (klvae.report); cached study results are reused
+SCALE ?= report
+OUT   ?= reports
 reports: venv
-	$(BIN)/jupyter nbconvert --to html --log-level WARN --output-dir reports nbs/*.ipynb
+	$(BIN)/python -m klvae.report --scale $(SCALE) --out $(OUT)
 
 lab: venv
 	$(BIN)/jupyter lab --notebook-dir=nbs

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd, torch
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from .config import get_settings, find_weights, cpu_name
+from .config import get_settings, find_weights, cpu_name, shown_path
 from .model import AutoencoderKL, PRESETS
 from .metrics import evaluate, summarize
 from .data import EmbeddedPhotos
@@ -61,7 +61,7 @@ def training_report(run_dir:str|Path,            # a run folder written by `trai
     info, log = json.loads((run/'config.json').read_text()), read_log(run)
     cfg, r, grids = info['config'], info['recipe'], sorted((run/'val').glob('step_*.png'))
     rows = log[log['trains'].notna()] if 'trains' in log else log.iloc[:0]
-    facts = {'run folder': str(run), 'model': f"{cfg['model']} ({info['vae_parameters']/1e6:.2f}M parameters)",
+    facts = {'run folder': shown_path(run), 'model': f"{cfg['model']} ({info['vae_parameters']/1e6:.2f}M parameters)",
              'recipe': f"{r['name']}: {r['rec_loss']}" + (f" + {r['perceptual_weight']} LPIPS" if info['perceptual'].startswith('on') else
                        " (LPIPS term off, see below)") + f" + {r['kl_weight']} KL + adaptive GAN ({r['disc_loss']}) from step {r['disc_start']}",
              'LPIPS term': info['perceptual'], 'precision': (lambda p: f"{p['used']}: {p['reason']}")(info.get('precision', {'used': cfg['mixed_precision'], 'reason': 'as configured'})),
@@ -112,6 +112,12 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     report = Path(report) if report else get_settings().reports_path/'demo.html'
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(training_report(run, table, 'klvae demo: the cpu preset on the embedded photos', notes))
+    info = json.loads((run/'config.json').read_text())   # the key figures, for the reports' index
+    trained = table[table.index.str.startswith(done)]
+    figures = {f"held-out {i.split(', ', 1)[1]}": ', '.join(f"{c} {v}" for c, v in row.items() if c != 'images') for i, row in trained.iterrows()}
+    summary = (f"{cfg.model} ({cfg.steps} steps, batch {cfg.batch_size}, {cfg.resolution}² crops), {info['precision']['used']} "
+               f"({info['precision']['reason']}), {wall/60:.1f} min on {cpu_name()}")
+    report.with_suffix('.json').write_text(json.dumps(dict(summary=summary, figures=figures, run=shown_path(run), wall_s=wall), indent=1))
     print(table.to_string(), f"\n{notes[0]}\nreport: {report}")
     return run, table
 

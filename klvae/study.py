@@ -111,7 +111,17 @@ def describe(model:torch.nn.Module)->dict:
     c = model.config
     return dict(f=c.downsample_factor, type=f'VQ {c.n_embed}' if isinstance(model, VQModel) else 'KL', c=c.embed_dim)
 
+def _evaluation_code()->str:
+    "A digest of the code a measurement depends on: a cached measurement from other code is measured again"
+    import hashlib, inspect, klvae.metrics, klvae.data
+    return hashlib.sha256((inspect.getsource(klvae.metrics) + inspect.getsource(klvae.data) + inspect.getsource(heldout_sets)).encode()).hexdigest()[:16]
+
 def _measure(label, cfg, folder, metrics):
+    "Per-image metrics of a finished run on the held-out sets; cached in the run folder for the same export, metrics and code"
+    key = dict(metrics=list(metrics), export=(folder/'vae'/'config.json').stat().st_mtime_ns, code=_evaluation_code())
+    cache = folder/'heldout.json'
+    if cache.is_file() and (c := json.loads(cache.read_text()))['key'] == key:
+        return pd.read_csv(folder/'heldout.csv').assign(run=label), c['protocol'], c['extra']
     model, rows = load_model(folder), []
     extra = describe(model) | dict(parameters=sum(p.numel() for p in model.parameters()))
     for set_name, ds in heldout_sets(cfg.resolution, cfg.zoom or None).items():
@@ -119,7 +129,10 @@ def _measure(label, cfg, folder, metrics):
         rows.append(df.assign(run=label, set=set_name, image=range(len(df))))
         for k, v in df.attrs.get('codebook', {}).items():
             if k != 'n_embed': extra[f'{set_name} codes {k}'] = v
-    return pd.concat(rows, ignore_index=True), df.attrs.get('protocol', ''), extra
+    per_image, protocol = pd.concat(rows, ignore_index=True), df.attrs.get('protocol', '')
+    per_image.drop(columns='run').to_csv(folder/'heldout.csv', index=False)
+    cache.write_text(json.dumps(dict(key=key, protocol=protocol, extra=extra)))
+    return per_image, protocol, extra
 
 def run_study(study:Study, progress:bool=True)->StudyResults:
     "Train (or reuse, or resume) every run of `study`, measure each on the held-out sets, cache and return the tables"

@@ -11,28 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NOTEBOOK = ROOT/'nbs'/'12_latent_explorer.ipynb'
-CHROMIUM = os.environ.get('KLVAE_CHROMIUM', '/usr/bin/chromium')
-CHROMIUM_ARGS = ['--no-sandbox', '--headless', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-                 '--disable-component-update', '--disable-sync']
-
-def _unavailable(why:str):
-    "Skip, or fail when the environment demands a browser"
-    if os.environ.get('KLVAE_REQUIRE_BROWSER') == '1': pytest.fail(f"{why} (KLVAE_REQUIRE_BROWSER=1 makes this a failure)", pytrace=False)
-    pytest.skip(why)
-
-@pytest.fixture(scope='module')
-def browser():
-    "Headless Debian chromium driven by playwright"
-    if not Path(CHROMIUM).is_file():
-        _unavailable(f"no Chromium at {CHROMIUM}: install it with `apt-get install chromium` (Debian) or set KLVAE_CHROMIUM to its path")
-    try: from playwright.sync_api import sync_playwright
-    except ImportError: _unavailable("the playwright package is missing: `pip install -e '.[dev]'` installs it")
-    pw = sync_playwright().start()
-    try:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        yield b
-        b.close()
-    finally: pw.stop()
+# the `browser` fixture (headless chromium via playwright, skipped or failed as it says) is in conftest.py
 
 def _free_port()->int:
     with socket.socket() as s:

@@ -1,0 +1,71 @@
+"""`make reports` at the `ci` scale into a temporary folder (the committed pages are never rewritten by a test): every
+companion notebook executes, every page is written, and every page opens offline in headless Chromium without a
+console error, with its figures drawn and its images loaded; no page shows a directive, a traceback, a CDN script or
+an absolute path of this machine."""
+import os, re, subprocess, sys
+from pathlib import Path
+import pytest
+from conftest import ROOT, BIN
+
+COMPANIONS = ('10_table8', '11_hinge_vs_vanilla', '12_latent_explorer')
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('reports')
+    env = {**os.environ, 'KLVAE_RUNS_PATH': str(tmp/'runs'), 'KLVAE_REPORTS_PATH': str(tmp/'reports'), 'OMP_NUM_THREADS': '1',
+           'PYTHONUNBUFFERED': '1'}
+    r = subprocess.run([sys.executable, '-m', 'klvae.report', '--scale', 'ci', '--out', str(tmp/'out')], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, f"klvae.report failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return tmp/'out', r.stdout
+
+
+def pages(out): return sorted(out.glob('*.html')) + sorted((out/'docs').glob('*.html'))
+
+
+def test_every_page_is_written_clean_and_small(built):
+    out, log = built
+    names = {p.stem for p in out.glob('*.html')}
+    assert {*COMPANIONS, 'index', 'demo'} <= names, names
+    docs = {p.stem for p in (out/'docs').glob('*.html')}
+    assert {'01_model', '05a_vq', '08_study', '13_reports'} <= docs and not docs & set(COMPANIONS)
+    for c in COMPANIONS: assert re.search(rf'\[\d+/\d+\] {c}\.ipynb: executing at scale ci', log)   # progress per notebook
+    for p in pages(out):
+        text = p.read_text()
+        assert p.stat().st_size < 10e6, f"{p.name}: {p.stat().st_size/1e6:.1f} MB"
+        for bad in ('#|', '| export', 'Traceback (most recent call last)', '<script src="http', str(ROOT)):
+            assert bad not in text, f"{p.name} contains {bad!r}"
+    index = (out/'index.html').read_text()
+    for c in COMPANIONS: assert f"href='{c}.html'" in index
+    # key figures come from each companion's `#| summary` cell and the demo's computed table
+    assert 'KL ' in index and 'dB' in index and 'held-out' in index
+    t8 = (out/'10_table8.html').read_text()
+    assert 'executed at scale <b>ci</b>' in t8 and '<details class="klvae-code">' in t8 and t8.count('Plotly.newPlot') >= 1
+
+
+def test_pages_render_offline_in_chromium(built, browser):
+    out, _ = built
+    context = browser.new_context(offline=True)
+    requested = []
+    context.route('**/*', lambda route: route.continue_() if route.request.url.startswith(('file:', 'data:'))
+                  else (requested.append(route.request.url), route.abort()))
+    try:
+        for p in pages(out):
+            errors, page = [], context.new_page()
+            page.on('console', lambda m: m.type == 'error' and errors.append(m.text))
+            page.on('pageerror', lambda e: errors.append(str(e)))
+            page.goto(p.as_uri(), wait_until='load', timeout=60_000)
+            n_plots = page.evaluate("() => document.querySelectorAll('.plotly-graph-div').length")
+            page.wait_for_function("() => [...document.querySelectorAll('.plotly-graph-div')].every(g => g.querySelector('.main-svg'))",
+                                   timeout=60_000)
+            shown = page.evaluate("() => [...document.querySelectorAll('.jp-OutputArea-output')].map(e => e.innerText).join('\\n')")
+            for bad in ('/tmp/', '/root/', '/home/', str(ROOT)): assert bad not in shown, f"{p.name} shows the machine path {bad!r}"
+            broken = page.evaluate("() => [...document.querySelectorAll('img')].filter(i => !i.complete || !i.naturalWidth).length")
+            assert errors == [], f"{p.name}: console errors {errors}"
+            assert broken == 0, f"{p.name}: {broken} images did not load"
+            if p.stem in ('10_table8', '11_hinge_vs_vanilla'): assert n_plots >= 1, f"{p.name} shows no figure"
+            page.close()
+        assert requested == [], f"pages tried to fetch {requested}"
+    finally:
+        context.close()
