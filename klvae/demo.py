@@ -115,7 +115,8 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     info = json.loads((run/'config.json').read_text())   # the key figures, for the reports' index
     trained = table[table.index.str.startswith(done)]
     figures = {f"held-out {i.split(', ', 1)[1]}": ', '.join(f"{c} {v}" for c, v in row.items() if c != 'images') for i, row in trained.iterrows()}
-    summary = (f"{cfg.model} ({cfg.steps} steps, batch {cfg.batch_size}, {cfg.resolution}² crops), {info['precision']['used']} "
+    used = {'no': 'fp32'}.get(info['precision']['used'], info['precision']['used'])
+    summary = (f"{cfg.model} ({cfg.steps} steps, batch {cfg.batch_size}, {cfg.resolution}² crops), {used} "
                f"({info['precision']['reason']}), {wall/60:.1f} min on {cpu_name()}")
     report.with_suffix('.json').write_text(json.dumps(dict(summary=summary, figures=figures, run=shown_path(run), wall_s=wall), indent=1))
     print(table.to_string(), f"\n{notes[0]}\nreport: {report}")

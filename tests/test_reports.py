@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT, BIN
 
 COMPANIONS = ('10_table8', '11_hinge_vs_vanilla', '12_latent_explorer')
+DIRECTIVE = re.compile(r'#\|\s*(export|exports|exporti|hide|default_exp|summary|eval|hide_line|filter_stream)\b')
 
 
 @pytest.fixture(scope='module')
@@ -34,8 +35,11 @@ def test_every_page_is_written_clean_and_small(built):
     for p in pages(out):
         text = p.read_text()
         assert p.stat().st_size < 10e6, f"{p.name}: {p.stat().st_size/1e6:.1f} MB"
-        for bad in ('#|', '| export', 'Traceback (most recent call last)', '<script src="http', str(ROOT)):
-            assert bad not in text, f"{p.name} contains {bad!r}"
+        assert '<script src="http' not in text and str(ROOT) not in text, p.name
+        # what a reader sees besides code (scripts, code cells and inline code removed): no directive, no traceback
+        prose = re.sub(r'<script.*?</script>|<div class="highlight[^"]*"><pre>.*?</pre></div>|<code>.*?</code>', '', text, flags=re.S)
+        for bad in (DIRECTIVE, re.compile(r'>\s*\| export'), re.compile('Traceback')):
+            assert not bad.search(prose), f"{p.name} shows {bad.search(prose).group()!r}"
     index = (out/'index.html').read_text()
     for c in COMPANIONS: assert f"href='{c}.html'" in index
     # key figures come from each companion's `#| summary` cell and the demo's computed table
@@ -61,6 +65,9 @@ def test_pages_render_offline_in_chromium(built, browser):
                                    timeout=60_000)
             shown = page.evaluate("() => [...document.querySelectorAll('.jp-OutputArea-output')].map(e => e.innerText).join('\\n')")
             for bad in ('/tmp/', '/root/', '/home/', str(ROOT)): assert bad not in shown, f"{p.name} shows the machine path {bad!r}"
+            prose = page.evaluate("""() => [...document.querySelectorAll('.jp-MarkdownOutput')].map(e => {   // prose without inline code
+                const c = e.cloneNode(true); c.querySelectorAll('code, pre').forEach(x => x.remove()); return c.textContent; }).join('\\n')""") + shown
+            assert not DIRECTIVE.search(prose) and 'Traceback' not in prose, f"{p.name} shows a directive or a traceback"
             broken = page.evaluate("() => [...document.querySelectorAll('img')].filter(i => !i.complete || !i.naturalWidth).length")
             assert errors == [], f"{p.name}: console errors {errors}"
             assert broken == 0, f"{p.name}: {broken} images did not load"
