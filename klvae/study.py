@@ -133,7 +133,9 @@ def _measure(label, cfg, folder, metrics):
     key = dict(metrics=list(metrics), export=(folder/'vae'/'config.json').stat().st_mtime_ns, code=_evaluation_code())
     cache = folder/'heldout.json'
     if cache.is_file() and (c := json.loads(cache.read_text()))['key'] == key:
-        return pd.read_csv(folder/'heldout.csv').assign(run=label), c['protocol'], c['extra']
+        d = pd.read_csv(folder/'heldout.csv')
+        d.insert(list(d.columns).index('set'), 'run', label)   # the column order of a fresh measurement
+        return d, c['protocol'], c['extra']
     model, rows = load_model(folder), []
     extra = describe(model) | dict(parameters=sum(p.numel() for p in model.parameters()))
     for set_name, ds in heldout_sets(cfg.resolution, cfg.zoom or None).items():
