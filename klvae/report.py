@@ -28,7 +28,7 @@ from nbconvert.preprocessors import ExecutePreprocessor, Preprocessor
 from nbconvert.filters.markdown import markdown2html
 from .config import get_settings, cpu_name
 
-# %% ../nbs/13_reports.ipynb #45771fb7
+# %% ../nbs/13_reports.ipynb #38632552
 COMPANIONS = ('10_table8.ipynb', '11_hinge_vs_vanilla.ipynb', '12_latent_explorer.ipynb')
 
 def notebooks(nbs:Path|None=None)->tuple[list, list]:
@@ -40,8 +40,8 @@ def notebooks(nbs:Path|None=None)->tuple[list, list]:
 def title_and_summary(nb)->tuple[str, str]:
     "A notebook's '# Title' and its '> one-line' description, from its first markdown cells"
     text = '\n'.join(c.source for c in nb.cells if c.cell_type == 'markdown')
-    t, s = re.search(r'^# (.+)$', text, re.M), re.search(r'^> (.+)$', text, re.M)
-    return (t.group(1).strip() if t else 'untitled'), (s.group(1).strip() if s else '')
+    t, s = re.search(r'^# (.+)$', text, re.M), re.search(r'^> .+(?:\n> .+)*', text, re.M)   # the quote may span lines
+    return (t.group(1).strip() if t else 'untitled'), (' '.join(l[2:].strip() for l in s.group(0).split('\n')) if s else '')
 
 # %% ../nbs/13_reports.ipynb #724eacc5
 _MACHINE_PATHS = ('/tmp/', '/root/', '/home/', '/work/', '/Users/')
@@ -163,7 +163,7 @@ def render(path:Path,            # the notebook
     out.parent.mkdir(parents=True, exist_ok=True); out.write_text(body, encoding='utf-8')
     return dict(page=out, title=title, summary=summary, figures=res.get('summary'), mb=out.stat().st_size/1e6)
 
-# %% ../nbs/13_reports.ipynb #22b243c2
+# %% ../nbs/13_reports.ipynb #b59e5bbc
 SCALE_DEMO = {'ci': dict(steps=6, batch_size=2, resolution=32, disc_start=3, warmup_steps=2, val_every=3, ckpt_every=3,
                          num_workers=0, log_every=1, repeats=2)}   # the seconds-long demo of a `ci` build
 
@@ -180,12 +180,14 @@ def demo_entry(scale:str, out:Path)->dict|None:
     (out/'demo.html').write_text(clean_paths((out/'demo.html').read_text(), get_settings().root, 'demo.html'))
     return json.loads((out/'demo.json').read_text())
 
+def _inline(md:str)->str: return re.sub(r'^<p>|</p>\s*$', '', markdown2html(md).strip())   # one line of markdown, no paragraph
+
 def write_index(out:Path, entries:list, demo:dict|None, scale:str, commit:str)->Path:
     "index.html: every page with its one-line summary and key figures"
     def item(e):
         figs = f"<div class='figs'>{markdown2html(e['figures'])}</div>" if e.get('figures') else ''
         return (f"<li><a href='{e['page'].relative_to(out)}'>{html.escape(e['title'])}</a> ({e['mb']:.1f} MB)"
-                f"<div class='sum'>{html.escape(e['summary'])}</div>{figs}</li>")
+                f"<div class='sum'>{_inline(e['summary'])}</div>{figs}</li>")
     comp = [e for e in entries if e['kind'] == 'companion']
     parts = [page_header(scale, commit, 'index.html'), '<h1>klvae reports</h1>', '<h2>Companion studies</h2><ul>', *map(item, comp), '</ul>']
     if (out/'latent_explorer.html').is_file():
