@@ -95,10 +95,11 @@ def find_weights(filename:str,  # the file torch/torchvision/torch-fidelity woul
     places = [s.weights_path/filename, torch_hub_dir()/filename]
     for p in places:
         if p.is_file(): return p
+    where = lambda p: str(p.relative_to(s.root)) if p.is_relative_to(s.root) else str(p)   # project paths as the project sees them
     raise FileNotFoundError(
         f"{filename} not found; it is needed for {purpose} and cannot be downloaded on this machine. "
-        f"Copy it to one of {[str(p.parent) for p in places]}, or set `{setting} = /path/to/{filename}` in "
-        f"{s.root/'settings.ini'} (or the environment variable KLVAE_{setting.upper()}).")
+        f"Copy it to one of {[where(p.parent) for p in places]}, or set `{setting} = /path/to/{filename}` in "
+        f"{where(s.root/'settings.ini')} (or the environment variable KLVAE_{setting.upper()}).")
 
 # %% ../nbs/00_config.ipynb #853ef0eb
 def in_test()->bool:

@@ -43,12 +43,13 @@ def title_and_summary(nb)->tuple[str, str]:
     t, s = re.search(r'^# (.+)$', text, re.M), re.search(r'^> .+(?:\n> .+)*', text, re.M)   # the quote may span lines
     return (t.group(1).strip() if t else 'untitled'), (' '.join(l[2:].strip() for l in s.group(0).split('\n')) if s else '')
 
-# %% ../nbs/13_reports.ipynb #724eacc5
+# %% ../nbs/13_reports.ipynb #c79ebfa6
 _MACHINE_PATHS = ('/tmp/', '/root/', '/home/', '/work/', '/Users/')
 
 def clean_paths(text:str, root:Path, page:str)->str:
     "`text` with this machine's paths made relative ($TMPDIR, ~, the project); a ValueError if another absolute path remains"
-    for p, r in ((str(root) + '/', ''), (str(root), '.'), (tempfile.gettempdir() + '/', '$TMPDIR/'), (str(Path.home()) + '/', '~/')):
+    for p, r in ((str(root) + '/', ''), (str(root), '.'), (tempfile.gettempdir() + '/', '$TMPDIR/'), ('/tmp/', '$TMPDIR/'),
+                 (str(Path.home()) + '/', '~/')):   # /tmp also when this machine's temp folder is elsewhere (stored outputs)
         text = text.replace(p, r)
     for p in _MACHINE_PATHS:
         if (i := text.find(p)) >= 0:
