@@ -21,9 +21,9 @@ from pathlib import Path
 import pandas as pd, torch
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from .config import get_settings, find_weights, cpu_name, shown_path
+from .config import get_settings, cpu_name, shown_path
 from .model import AutoencoderKL, PRESETS
-from .metrics import evaluate, summarize
+from .metrics import evaluate, summarize, available_metrics
 from .data import EmbeddedPhotos
 from .vq import load_autoencoder
 from .train import train, train_config, read_log, heldout_crops, build_model
@@ -94,17 +94,14 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     cfg = train_config('cpu', **overrides)
     run = train(cfg)
     t_train = time.time() - t0
-    metrics = ('psnr', 'ssim', 'lpips')
-    try: find_weights('vgg16-397923af.pth', 'vgg16_weights', 'the LPIPS metric')
-    except FileNotFoundError: metrics = ('psnr', 'ssim')   # said in the protocol below, as train said it at the start
+    metrics, m_note = available_metrics()   # LPIPS where its weight file is here; m_note says so when not
     torch.manual_seed(cfg.seed)
     done = f'trained ({cfg.steps} steps)'
     models = {'untrained (step 0)': build_model(cfg.model, cfg.width), done: load_autoencoder(run/'vae')}
     dfs = {(n, s): evaluate(m, ds, metrics=metrics, progress=False) for s, ds in heldout_sets(cfg.resolution, cfg.zoom or None).items()
            for n, m in models.items()}
     table = pd.concat([summarize(df, name=f'{n}, {s}') for (n, s), df in dfs.items()])
-    table.attrs['protocol'] = ' / '.join(dict.fromkeys(df.attrs['protocol'] for (n, _), df in dfs.items() if n == done)) + ('' if 'lpips' in metrics else
-        ' LPIPS not measured: the VGG16 file vgg16-397923af.pth is not on this machine (settings.ini: vgg16_weights).')
+    table.attrs['protocol'] = ' / '.join(dict.fromkeys(df.attrs['protocol'] for (n, _), df in dfs.items() if n == done)) + (f' {m_note}' if m_note else '')
     table.to_csv(run/'heldout_metrics.csv')
     wall = time.time() - t0
     notes = [f"Wall time of the whole demo (training, evaluation, report): {wall/60:.1f} minutes, of which training "

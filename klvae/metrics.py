@@ -17,7 +17,8 @@ Docs: https://github.com/klvae/klvae/metrics.html.md"""
 
 # %% auto #0
 __all__ = ['INCEPTION_FILE', 'INCEPTION_SHA256_PREFIX', 'METRICS', 'psnr', 'gaussian_window', 'ssim', 'lpips_distance',
-           'inception_weights_file', 'inception_note', 'rfid', 'write_random_inception', 'evaluate', 'summarize']
+           'inception_weights_file', 'available_metrics', 'inception_note', 'rfid', 'write_random_inception',
+           'evaluate', 'summarize']
 
 # %% ../nbs/05_metrics.ipynb #5fc95fa1
 import hashlib
@@ -90,6 +91,15 @@ INCEPTION_FILE, INCEPTION_SHA256_PREFIX = 'weights-inception-2015-12-05-6726825d
 def inception_weights_file()->Path:
     "The local FID Inception weights, or a FileNotFoundError saying where to put them"
     return find_weights(INCEPTION_FILE, 'inception_weights', 'rFID (torch-fidelity FID Inception)')
+
+def available_metrics(rfid:bool=False)->tuple[tuple, str]:
+    "PSNR, SSIM, and LPIPS (and rFID) where their weight files are on this machine; a sentence for each one that is not"
+    ms, notes = ['psnr', 'ssim'], []
+    for m, name, probe in [('lpips', 'LPIPS', lambda: find_weights('vgg16-397923af.pth', 'vgg16_weights', 'LPIPS')),
+                           ('rfid', 'rFID', inception_weights_file)][:2 if rfid else 1]:
+        try: probe(); ms.append(m)
+        except FileNotFoundError as e: notes.append(f"{name} not measured: {str(e).split(' not found')[0]} is not on this machine.")
+    return tuple(ms), ' '.join(notes)
 
 def inception_note(path:Path)->str:
     "Whether `path` is the official FID Inception file (by its SHA-256 prefix), in words"

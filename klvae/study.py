@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 import pandas as pd, torch
 from tqdm.auto import tqdm
-from .config import get_settings, find_weights, cpu_name
+from .config import get_settings, cpu_name
 from .model import AutoencoderKL
 from .vq import load_autoencoder, VQModel
 from .data import ImageFolder
-from .metrics import evaluate, summarize, inception_weights_file
+from .metrics import evaluate, summarize, available_metrics
 from .train import TrainConfig, train_config, read_log
 from .demo import heldout_sets
 
@@ -105,15 +105,6 @@ class StudyResults:
     logs: pd.DataFrame
     protocol: str = ''
 
-def _metrics(rfid:bool=False)->tuple[tuple, str]:
-    "PSNR, SSIM, and LPIPS (and rFID) where their weight files are on this machine; a sentence for each one that is not"
-    ms, notes = ['psnr', 'ssim'], []
-    for m, name, probe in [('lpips', 'LPIPS', lambda: find_weights('vgg16-397923af.pth', 'vgg16_weights', 'LPIPS')),
-                           ('rfid', 'rFID', inception_weights_file)][:2 if rfid else 1]:
-        try: probe(); ms.append(m)
-        except FileNotFoundError as e: notes.append(f"{name} not measured: {str(e).split(' not found')[0]} is not on this machine.")
-    return tuple(ms), ' '.join(notes)
-
 def load_model(folder:Path):
     "The exported model (KL or VQ) of a finished run"
     return load_autoencoder(folder/'vae')
@@ -151,7 +142,7 @@ def _measure(label, cfg, folder, metrics):
 def run_study(study:Study, progress:bool=True)->StudyResults:
     "Train (or reuse, or resume) every run of `study`, measure each on the held-out sets, cache and return the tables"
     runs_dir, out = study_dirs(study)
-    metrics, m_note = _metrics()
+    metrics, m_note = available_metrics()
     images, runs, logs, protocol = [], [], [], ''
     for label, cfg in tqdm(study.configs.items(), desc=f'study {study.name} ({study.scale})', disable=not progress):
         folder = runs_dir/_slug(label)
@@ -263,7 +254,7 @@ def table8_eval(models:dict,       # label -> checkpoint path (anything `load_au
     if not models: raise ValueError("models is empty: give {label: checkpoint path or model}")
     if n < 1: raise ValueError(f"n={n}: evaluate at least one image")
     ds = _First(ImageFolder(images, size, train=False) if isinstance(images, (str, Path)) else images, n)
-    metrics, missing = _metrics(rfid=True) if metrics is None else (tuple(metrics), '')
+    metrics, missing = available_metrics(rfid=True) if metrics is None else (tuple(metrics), '')
     rows, per_image = [], {}
     for label, m in models.items():
         model = m if isinstance(m, torch.nn.Module) else load_autoencoder(m)
