@@ -15,7 +15,7 @@ Docs: https://github.com/klvae/klvae/reports.html.md"""
 
 # %% auto #0
 __all__ = ['COMPANIONS', 'SCALE_DEMO', 'notebooks', 'title_and_summary', 'clean_paths', 'directives', 'CleanPage', 'git_commit',
-           'page_header', 'render', 'demo_entry', 'write_index', 'build_reports', 'main']
+           'page_header', 'write_assets', 'render', 'demo_entry', 'write_index', 'build_reports', 'main']
 
 # %% ../nbs/13_reports.ipynb #212d38b1
 import argparse, html, json, os, re, subprocess, sys, tempfile, time
@@ -70,7 +70,8 @@ def directives(source:str)->tuple[dict, str]:
 class CleanPage(Preprocessor):
     "nbdev directives stripped, hidden cells dropped, plotly JSON as inline figures, widgets and progress bars replaced"
     def preprocess(self, nb, resources):
-        cells, resources['plotly_js'], resources['summary'] = [], True, None
+        # plotly.js: a shared file's URL when the build provides one (pages of one build load it once), else inlined once per page
+        cells, resources['plotly_js'], resources['summary'] = [], resources.get('klvae', {}).get('plotly_src') or True, None
         for c in nb.cells:
             d, c.source = directives(c.source)
             if {'hide', 'default_exp'} & set(d) or not (c.source or c.get('outputs')): continue
@@ -94,7 +95,7 @@ class CleanPage(Preprocessor):
             fig = data[_PLOTLY]
             h = pio.to_html(fig, full_html=False, include_plotlyjs=resources['plotly_js'], validate=False, auto_play=False,
                             config={**fig.get('config', {}), 'displaylogo': False})
-            resources['plotly_js'] = False   # plotly.js once per page
+            resources['plotly_js'] = False   # plotly.js (its script tag) once per page
             o.data = {'text/html': h}
         elif _WIDGET in data:
             o.data = {'text/html': '<p class="klvae-widget"><i>An interactive widget: it needs a running kernel. Open the notebook in '
@@ -108,6 +109,8 @@ _TEMPLATE = r"""{%- extends 'index.html.j2' -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
 {%- block extra_css -%}<style>{{ resources.klvae.css }}</style>{%- endblock extra_css -%}
+{%- block notebook_css -%}{%- if resources.klvae.lab_css -%}<link rel="stylesheet" href="{{ resources.klvae.lab_css }}">
+{%- else -%}{{ super() }}{%- endif -%}{%- endblock notebook_css -%}
 {%- block body_header -%}{{ super() }}{{ resources.klvae.header }}{%- endblock body_header -%}
 {% block input_group -%}
 {%- if resources.klvae.fold -%}<details class="klvae-code"><summary>code</summary>{{ super() }}</details>
@@ -134,6 +137,20 @@ def page_header(scale:str|None, commit:str, index:str='index.html')->str:
     return (f'<header class="klvae"><a href="{index}">klvae reports</a> commit {html.escape(commit)} · {made} · {what} · '
             f'{html.escape(cpu_name())}</header>')
 
+_LAB_RULES = ("a.anchor-link{display:none}.jp-InputArea,.jp-InputArea-editor{overflow:hidden}.jp-Collapser{display:none}"
+              ".jp-OutputArea-output pre{line-height:inherit;font-family:inherit}"
+              ".jp-RenderedText pre{color:var(--jp-content-font-color1);font-size:var(--jp-code-font-size)}"
+              ".cm-editor.cm-s-jupyter .highlight pre{padding:var(--jp-code-padding) 4px;margin:0;font:inherit;color:inherit}")
+
+def write_assets(folder:Path)->Path:
+    "The files every page of a build shares, in `folder`: plotly.min.js, and lab.css (the lab template's light theme and rules)"
+    import plotly.offline
+    static = next(Path(p)/'static' for p in _exporter().template_paths if (Path(p)/'static'/'index.css').is_file())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder/'plotly.min.js').write_text(plotly.offline.get_plotlyjs(), encoding='utf-8')
+    (folder/'lab.css').write_text('\n'.join((static/n).read_text() for n in ('index.css', 'theme-light.css')) + _LAB_RULES, encoding='utf-8')
+    return folder
+
 def _exporter()->HTMLExporter:
     e = HTMLExporter(template_name='lab', extra_loaders=[jinja2.DictLoader({'klvae.html.j2': _TEMPLATE})], template_file='klvae.html.j2')
     e.register_preprocessor(CleanPage(), enabled=True)
@@ -146,6 +163,7 @@ def render(path:Path,            # the notebook
            fold:bool=False,      # fold code cells behind a toggle
            commit:str='',
            index:str='index.html', # the index page, relative to `out`
+           assets:str='',        # the `write_assets` folder, relative to `out`; '' inlines plotly.js and the CSS in the page
            timeout:int=3600      # seconds per cell when executing
           )->dict:
     "Execute (optionally) and render one notebook; returns its title, summary and size"
@@ -160,7 +178,9 @@ def render(path:Path,            # the notebook
     nb.metadata.pop('widgets', None)
     title, summary = title_and_summary(nb)
     nb.metadata['title'] = f'klvae: {title}'
-    body, res = _exporter().from_notebook_node(nb, resources={'klvae': dict(css=_CSS, header=page_header(scale, commit, index), fold=fold, page=out.name)})
+    body, res = _exporter().from_notebook_node(nb, resources={'klvae': dict(
+        css=_CSS, header=page_header(scale, commit, index), fold=fold, page=out.name,
+        plotly_src=assets and f'{assets}/plotly.min.js', lab_css=assets and f'{assets}/lab.css')})
     out.parent.mkdir(parents=True, exist_ok=True); out.write_text(body, encoding='utf-8')
     return dict(page=out, title=title, summary=summary, figures=res.get('summary'), mb=out.stat().st_size/1e6)
 
@@ -218,12 +238,14 @@ def build_reports(scale:str='report',   # 'ci' (minutes) or 'report' (the commit
     s = get_settings(); out = Path(out) if out else s.reports_path
     out.mkdir(parents=True, exist_ok=True)
     commit, (comp, libs) = git_commit(s.root), notebooks()
+    write_assets(out/'assets')   # one plotly.js and one style sheet for every page, not one copy each
     todo = [(p, out/f'{p.stem}.html', scale) for p in comp] + ([(p, out/'docs'/f'{p.stem}.html', None) for p in libs] if library else [])
     entries, t00 = [], time.time()
     for i, (p, page, sc) in enumerate(todo, 1):
         t0 = time.time()
         print(f"[{i}/{len(todo)}] {p.name}: {'executing at scale ' + sc if sc else 'rendering'}", flush=True)
-        e = render(p, page, sc, fold=sc is not None, commit=commit, index='index.html' if page.parent == out else '../index.html')
+        up = '' if page.parent == out else '../'
+        e = render(p, page, sc, fold=sc is not None, commit=commit, index=f'{up}index.html', assets=f'{up}assets')
         entries.append(e | dict(kind='companion' if sc else 'library', seconds=time.time() - t0))
         print(f"    {page.relative_to(out)}: {e['mb']:.1f} MB, {time.time() - t0:.0f} s", flush=True)
     print('demo page', flush=True)

@@ -29,12 +29,17 @@ def test_every_page_is_written_clean_and_small(built):
     out, log = built
     names = {p.stem for p in out.glob('*.html')}
     assert {*COMPANIONS, 'index', 'demo'} <= names, names
+    assert (out/'assets'/'plotly.min.js').stat().st_size > 1e6 and (out/'assets'/'lab.css').stat().st_size > 1e5
     docs = {p.stem for p in (out/'docs').glob('*.html')}
     assert {'01_model', '05a_vq', '08_study', '13_reports'} <= docs and not docs & set(COMPANIONS)
     for c in COMPANIONS: assert re.search(rf'\[\d+/\d+\] {c}\.ipynb: executing at scale ci', log)   # progress per notebook
     for p in pages(out):
         text = p.read_text()
         assert p.stat().st_size < 10e6, f"{p.name}: {p.stat().st_size/1e6:.1f} MB"
+        if p.name not in ('demo.html', 'latent_explorer.html', 'index.html'):   # built pages share plotly.js and the lab CSS
+            up = '../' if p.parent.name == 'docs' else ''
+            assert f'href="{up}assets/lab.css"' in text and '* plotly.js v' not in text, p.name
+            assert text.count('Plotly.newPlot') == 0 or text.count(f'src="{up}assets/plotly.min.js"') == 1, p.name
         assert '<script src="http' not in text and str(ROOT) not in text, p.name
         # what a reader sees besides code (scripts, code cells and inline code removed): no directive, no traceback
         prose = re.sub(r'<script.*?</script>|<div class="highlight[^"]*"><pre>.*?</pre></div>|<code>.*?</code>', '', text, flags=re.S)
