@@ -26,7 +26,7 @@ from .model import AutoencoderKL, PRESETS
 from .metrics import evaluate, summarize, available_metrics
 from .data import EmbeddedPhotos
 from .vq import load_autoencoder
-from .train import train, train_config, read_log, heldout_crops, build_model
+from .train import train, train_config, read_log, heldout_crops, build_model, effective_config
 
 # %% ../nbs/07_demo.ipynb #b2d4f6a8
 def heldout_sets(resolution:int, # the training crop size
@@ -63,11 +63,13 @@ def training_report(run_dir:str|Path,            # a run folder written by `trai
     rows = log[log['trains'].notna()] if 'trains' in log else log.iloc[:0]
     facts = {'run folder': shown_path(run), 'model': f"{cfg['model']} ({info['vae_parameters']/1e6:.2f}M parameters)",
              'recipe': f"{r['name']}: {r['rec_loss']}" + (f" + {r['perceptual_weight']} LPIPS" if info['perceptual'].startswith('on') else
-                       " (LPIPS term off, see below)") + f" + {r['kl_weight']} KL + adaptive GAN ({r['disc_loss']}) from step {r['disc_start']}",
+                       " (LPIPS term off, see below)") + f" + {r['kl_weight']} KL" + (f" + adaptive GAN ({r['disc_loss']}) from step {r['disc_start']}" if r['disc_start'] < cfg['steps']
+                       else f" (no GAN: the discriminator would start at step {r['disc_start']}, after the last)"),
              'LPIPS term': info['perceptual'], 'precision': (lambda p: f"{p['used']}: {p['reason']}")(info.get('precision', {'used': cfg['mixed_precision'], 'reason': 'as configured'})),
              'data': info['train_data'], 'validation images': info['val_data'],
              'steps': f"{cfg['steps']} at batch {info['global_batch']} ({info['processes']} process(es) on {info['device']}), "
                       f"{cfg['resolution']}x{cfg['resolution']} crops, lr {info['lr']:.3g} ({cfg['lr_schedule']})",
+             **({'work': info['work']} if info.get('work') else {}),
              'skipped non-finite steps': int(rows['nonfinite'].sum()) if len(rows) else 0, 'started': info['started']}
     parts = [f"<h1>{html.escape(title)}</h1>",
              '<table class="facts">' + ''.join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()) + '</table>',
@@ -93,6 +95,7 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     t0 = time.time()
     cfg = train_config('cpu', **overrides)
     run = train(cfg)
+    cfg = effective_config(cfg)[0]   # what trained: the preset's steps scaled where 'auto' chose fp32 on a CPU (train said so)
     t_train = time.time() - t0
     metrics, m_note = available_metrics()   # LPIPS where its weight file is here; m_note says so when not
     torch.manual_seed(cfg.seed)

@@ -20,8 +20,8 @@ Docs: https://github.com/klvae/klvae/train.html.md"""
 # %% auto #0
 __all__ = ['CKPT_FILES', 'TrainConfig', 'parse_value', 'train_config', 'lr_factor', 'rank_batches', 'heldout_crops',
            'make_dataset', 'SyncBatchNorm2d', 'EMA', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint',
-           'read_log', 'validate', 'build_model', 'cpu_bf16_supported', 'resolve_precision', 'train', 'cli_parser',
-           'main']
+           'read_log', 'validate', 'build_model', 'cpu_bf16_supported', 'resolve_precision', 'scale_steps',
+           'effective_config', 'train', 'cli_parser', 'main']
 
 # %% ../nbs/06_train.ipynb #65e823eb
 import argparse, contextlib, importlib, inspect, json, math, os, re, shutil, sys, time, warnings
@@ -71,6 +71,7 @@ class TrainConfig:
     warmup_steps: int = 0           # linear warmup from lr/warmup_steps to lr
     max_grad_norm: float = 0.0      # clip each network's gradient norm to this; 0: no clipping (LDM does not clip)
     mixed_precision: str = 'no'     # 'no', 'bf16', 'fp16' (CUDA only) or 'auto' (bf16 where the device supports it): autocast over fp32 weights
+    fp32_cpu_scale: float = 1.0     # where 'auto' trains in fp32 on a CPU (no bf16 units), every step count x this (`scale_steps`); the cpu preset: 0.4
     ema_decay: float = 0.0          # EMA of the VAE's weights, updated on VAE steps, exported at the end; 0: off
     seed: int = 0                   # data order, crops, posterior noise, init: all derived from (seed, step, rank)
     max_nonfinite: int = 5          # stop after this many non-finite steps in a row
@@ -97,6 +98,7 @@ class TrainConfig:
         if self.resolution % 8: raise ValueError(f"TrainConfig resolution={self.resolution}; it must be a multiple of 8")
         if self.zoom and self.zoom < 1: raise ValueError(f"TrainConfig zoom={self.zoom}; it must be >= 1 (the crop must fit), or 0 for native size")
         if not 0 <= self.ema_decay < 1: raise ValueError(f"TrainConfig ema_decay={self.ema_decay}; it must be in [0, 1)")
+        if not 0 < self.fp32_cpu_scale <= 1: raise ValueError(f"TrainConfig fp32_cpu_scale={self.fp32_cpu_scale}; it must be in (0, 1]")
 
 # %% ../nbs/06_train.ipynb #22c78ccd
 def parse_value(name:str, raw:str):
@@ -347,6 +349,24 @@ def resolve_precision(requested:str, # TrainConfig.mixed_precision: 'no', 'bf16'
            ('no', f"auto: oneDNN reports no bf16 support on this CPU ({torch.backends.cpu.get_cpu_capability()}), so fp32 "
                   "(emulated bf16 would be slower)")
 
+# %% ../nbs/06_train.ipynb #f32sc002
+_STEP_FIELDS = ('steps', 'disc_start', 'warmup_steps', 'val_every', 'ckpt_every')
+
+def scale_steps(cfg:TrainConfig)->TrainConfig:
+    "`cfg` with every step count multiplied by `cfg.fp32_cpu_scale` (unset ones, -1 or 0, stay), and the scale consumed"
+    s = cfg.fp32_cpu_scale
+    return replace(cfg, fp32_cpu_scale=1.0, **{k: max(1, round(v*s)) for k in _STEP_FIELDS if (v := getattr(cfg, k)) > 0})
+
+def effective_config(cfg:TrainConfig)->tuple[TrainConfig, str]:
+    "The config a run trains on this machine (`scale_steps` where 'auto' resolves to fp32 on a CPU) and a sentence saying why"
+    if cfg.fp32_cpu_scale == 1: return cfg, ''
+    cuda = torch.cuda.is_available()
+    if cfg.mixed_precision == 'auto' and not cuda and resolve_precision('auto', cuda)[0] == 'no':
+        run = scale_steps(cfg)
+        return run, (f"fp32 on a CPU without bf16 units: the preset's work is scaled by fp32_cpu_scale={cfg.fp32_cpu_scale} "
+                     f"({cfg.steps} -> {run.steps} steps, discriminator from {cfg.disc_start} -> {run.disc_start})")
+    return replace(cfg, fp32_cpu_scale=1.0), f"fp32_cpu_scale={cfg.fp32_cpu_scale} not applied: this run does not train in fp32 on a CPU"
+
 # %% ../nbs/06_train.ipynb #e9653221
 def _perceptual(mode:str)->tuple:
     "The LPIPS network (or None) and a sentence saying which, for the log, the config and the report"
@@ -394,6 +414,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
           val_data=None,       # default: make_dataset(cfg.val_data, cfg, False)
          )->Path:
     "Train a KL or VQ autoencoder on every process this is launched on; returns the run folder"
+    requested, (cfg, work_note) = cfg, effective_config(cfg)
     cpu = not torch.cuda.is_available()
     precision, why = resolve_precision(cfg.mixed_precision, cuda=not cpu)
     if cpu and precision == 'fp16':  # accelerate would train in float32 without a word
@@ -441,7 +462,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     log_file, tb, n_params = run/'log.jsonl', None, sum(p.numel() for p in vae.parameters())
     if main:
         _truncate_log(log_file, step)
-        info = dict(config=asdict(cfg), processes=world, device=str(acc.device), lr=lr, global_batch=cfg.batch_size*cfg.grad_accum*world,
+        info = dict(config=asdict(cfg), requested=asdict(requested), work=work_note or None, processes=world, device=str(acc.device), lr=lr, global_batch=cfg.batch_size*cfg.grad_accum*world,
                     recipe=asdict(recipe), perceptual=p_note, vae_parameters=n_params,
                     precision={'used': precision, 'reason': why},
                     train_data=repr(train_data), val_data=repr(val_data), resumed_from=step or None,
@@ -462,7 +483,7 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
         acc.wait_for_everyone()
     acc.print(f"klvae run {run}: {world} process(es) on {acc.device}, {cfg.model} ({n_params/1e6:.1f}M parameters), "
               f"recipe {recipe.name}, discriminator from step {recipe.disc_start}, lr {lr:.3g}, global batch "
-              f"{cfg.batch_size*cfg.grad_accum*world}, precision {precision} ({why})\nLPIPS {p_note}")
+              f"{cfg.batch_size*cfg.grad_accum*world}, precision {precision} ({why})\nLPIPS {p_note}" + (f"\n{work_note}" if work_note else ''))
     if step == 0: validate_now()
 
     in_a_row, busy, images, interval, trained = 0, 0.0, 0, {}, set()   # interval: term -> (sum, count) since the last row
