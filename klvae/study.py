@@ -32,7 +32,7 @@ from .model import AutoencoderKL
 from .vq import load_autoencoder, VQModel
 from .data import ImageFolder
 from .metrics import evaluate, summarize, available_metrics
-from .train import TrainConfig, train_config, read_log, effective_config
+from .train import TrainConfig, train_config, read_log, effective_config, scale_steps
 from .demo import heldout_sets
 
 # %% ../nbs/08_study.ipynb #baf43035
@@ -269,10 +269,9 @@ def table8_eval(models:dict,       # label -> checkpoint path (anything `load_au
     return t
 
 # %% ../nbs/08_study.ipynb #ds0code01
-_FP32_BUDGET = dict(steps=1300, warmup_steps=50, val_every=260, ckpt_every=650, fp32_cpu_scale=1.0)   # the cpu preset on a CPU without bf16
-DEMO_CANDIDATES = {   # overrides of settings.ini's [preset.cpu] that the demo sweep compares, at its fp32 budget (1300 steps of batch 8)
-    'GAN from step 1170': dict(_FP32_BUDGET, disc_start=1170),
-    'no GAN': dict(_FP32_BUDGET, disc_start=1300),
+DEMO_CANDIDATES = {   # what the demo sweep varies, on the cpu preset at its fp32 budget (`scale_steps`: 1300 steps of batch 8)
+    'GAN from step 1170': dict(disc_start=1170),
+    'no GAN': dict(disc_start=1300),
 }
 
 def demo_sweep(scale:str='ci')->Study:
@@ -281,7 +280,9 @@ def demo_sweep(scale:str='ci')->Study:
     if scale == 'ci':   # the ci preset's 6 steps; a candidate's GAN starts half-way or never
         configs = {k: train_config('ci', perceptual='off', disc_start=3 if o['disc_start'] < 1300 else 6)
                    for k, o in DEMO_CANDIDATES.items()}
-    else: configs = {k: train_config('cpu', **o) for k, o in DEMO_CANDIDATES.items()}
+    else:
+        budget = scale_steps(train_config('cpu'))   # the preset as it trains where 'auto' chooses fp32 on a CPU
+        configs = {k: replace(budget, **o) for k, o in DEMO_CANDIDATES.items()}
     return Study('demo-sweep', seeded(configs, (0, 1)), scale)
 
 STUDIES['demo-sweep'] = demo_sweep
