@@ -71,7 +71,7 @@ class TrainConfig:
     warmup_steps: int = 0           # linear warmup from lr/warmup_steps to lr
     max_grad_norm: float = 0.0      # clip each network's gradient norm to this; 0: no clipping (LDM does not clip)
     mixed_precision: str = 'no'     # 'no', 'bf16', 'fp16' (CUDA only) or 'auto' (bf16 where the device supports it): autocast over fp32 weights
-    fp32_cpu_scale: float = 1.0     # where 'auto' trains in fp32 on a CPU (no bf16 units), every step count x this (`scale_steps`); the cpu preset: 0.4
+    fp32_cpu_scale: float = 1.0     # where 'auto' trains in fp32 on a CPU (no bf16 units), every step count x this (`scale_steps`); the cpu preset: 0.4; steps given as overrides are not scaled
     ema_decay: float = 0.0          # EMA of the VAE's weights, updated on VAE steps, exported at the end; 0: off
     seed: int = 0                   # data order, crops, posterior noise, init: all derived from (seed, step, rank)
     max_nonfinite: int = 5          # stop after this many non-finite steps in a row
@@ -126,6 +126,8 @@ def train_config(preset:str|None=None, # a `[preset.NAME]` of settings.ini: ci, 
     for k in ('data', 'val_data', 'run_dir'):  # preset paths are relative to settings.ini
         if vals.get(k) and vals[k] != 'embedded' and not Path(vals[k]).is_absolute(): vals[k] = str(s.root/vals[k])
     vals |= {k: parse_value(k, v) if isinstance(v, str) else v for k, v in overrides.items()}
+    if set(overrides) & set(_STEP_FIELDS) and 'fp32_cpu_scale' not in overrides:
+        vals['fp32_cpu_scale'] = 1.0   # step counts the caller chose train as given; a preset's scale is for the preset's own
     return TrainConfig(**vals)
 
 # %% ../nbs/06_train.ipynb #fcc3744d
