@@ -26,7 +26,7 @@ from .model import AutoencoderKL, PRESETS
 from .metrics import evaluate, summarize, available_metrics
 from .data import EmbeddedPhotos
 from .vq import load_autoencoder
-from .train import train, train_config, read_log, heldout_crops, build_model, effective_config
+from .train import TrainConfig, train, train_config, read_log, heldout_crops, build_model
 
 # %% ../nbs/07_demo.ipynb #b2d4f6a8
 def heldout_sets(resolution:int, # the training crop size
@@ -95,7 +95,8 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     t0 = time.time()
     cfg = train_config('cpu', **overrides)
     run = train(cfg)
-    cfg = effective_config(cfg)[0]   # what trained: the preset's steps scaled where 'auto' chose fp32 on a CPU (train said so)
+    info = json.loads((run/'config.json').read_text())   # what trained (the preset's steps scaled where 'auto' chose fp32 on a CPU)
+    cfg = TrainConfig(**info['config'])
     t_train = time.time() - t0
     metrics, m_note = available_metrics()   # LPIPS where its weight file is here; m_note says so when not
     torch.manual_seed(cfg.seed)
@@ -112,7 +113,6 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     report = Path(report) if report else get_settings().reports_path/'demo.html'
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(training_report(run, table, 'klvae demo: the cpu preset on the embedded photos', notes))
-    info = json.loads((run/'config.json').read_text())   # the key figures, for the reports' index
     trained = table[table.index.str.startswith(done)]
     figures = {f"held-out {i.split(', ', 1)[1]}": ', '.join(f"{c} {v}" for c, v in row.items() if c != 'images') for i, row in trained.iterrows()}
     used = {'no': 'fp32'}.get(info['precision']['used'], info['precision']['used'])

@@ -186,7 +186,7 @@ def render(path:Path,            # the notebook
 
 # %% ../nbs/13_reports.ipynb #b59e5bbc
 SCALE_DEMO = {'ci': dict(steps=6, batch_size=2, resolution=32, disc_start=3, warmup_steps=2, val_every=3, ckpt_every=3,
-                         num_workers=0, log_every=1, repeats=2, fp32_cpu_scale=1)}   # the seconds-long demo of a `ci` build
+                         num_workers=0, log_every=1, repeats=2)}   # the seconds-long demo of a `ci` build
 
 def demo_entry(scale:str, out:Path)->dict|None:
     "The demo's page in `out` and its figures: trained now at `ci` scale, else the page `make demo` wrote (copied to `out`)"
