@@ -137,10 +137,15 @@ def page_header(scale:str|None, commit:str, index:str='index.html')->str:
     return (f'<header class="klvae"><a href="{index}">klvae reports</a> commit {html.escape(commit)} · {made} · {what} · '
             f'{html.escape(cpu_name())}</header>')
 
-_LAB_RULES = ("a.anchor-link{display:none}.jp-InputArea,.jp-InputArea-editor{overflow:hidden}.jp-Collapser{display:none}"
-              ".jp-OutputArea-output pre{line-height:inherit;font-family:inherit}"
-              ".jp-RenderedText pre{color:var(--jp-content-font-color1);font-size:var(--jp-code-font-size)}"
-              ".cm-editor.cm-s-jupyter .highlight pre{padding:var(--jp-code-padding) 4px;margin:0;font:inherit;color:inherit}")
+def _lab_rules(lab:Path)->str:
+    "The CSS rules the lab template inlines beside its stylesheets (its notebook_css block's <style>), read from the template"
+    j2 = (lab/'index.html.j2').read_text()
+    block = re.search(r'{%-? block notebook_css -?%}(.*?){%-? endblock notebook_css -?%}', j2, re.S)
+    rules = re.findall(r'<style[^>]*>(.*?)</style>', block.group(1), re.S) if block else []
+    if not rules or any('{{' in r or '{%' in r for r in rules):
+        raise RuntimeError(f"{lab/'index.html.j2'}: its notebook_css block no longer holds a plain <style> element, which "
+                           "klvae.report copies into lab.css; use an nbconvert 7 whose lab template has one, or update klvae.report._lab_rules")
+    return '\n'.join(rules)
 
 def write_assets(folder:Path)->Path:
     "The files every page of a build shares, in `folder`: plotly.min.js, and lab.css (the lab template's light theme and rules)"
@@ -148,7 +153,7 @@ def write_assets(folder:Path)->Path:
     static = next(Path(p)/'static' for p in _exporter().template_paths if (Path(p)/'static'/'index.css').is_file())
     folder.mkdir(parents=True, exist_ok=True)
     (folder/'plotly.min.js').write_text(plotly.offline.get_plotlyjs(), encoding='utf-8')
-    (folder/'lab.css').write_text('\n'.join((static/n).read_text() for n in ('index.css', 'theme-light.css')) + _LAB_RULES, encoding='utf-8')
+    (folder/'lab.css').write_text('\n'.join((static/n).read_text() for n in ('index.css', 'theme-light.css')) + _lab_rules(static.parent), encoding='utf-8')
     return folder
 
 def _exporter()->HTMLExporter:
