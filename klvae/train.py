@@ -113,6 +113,8 @@ def parse_value(name:str, raw:str):
     try: return t(s)
     except ValueError: raise ValueError(f"{name}: expected {t.__name__}, got {raw!r}") from None
 
+_STEP_FIELDS = ('steps', 'disc_start', 'warmup_steps', 'val_every', 'ckpt_every')   # the step counts `scale_steps` scales
+
 def train_config(preset:str|None=None, # a `[preset.NAME]` of settings.ini: ci, cpu, kl-f8, ...
                  **overrides           # TrainConfig fields, as values or strings
                 )->TrainConfig:
@@ -352,8 +354,6 @@ def resolve_precision(requested:str, # TrainConfig.mixed_precision: 'no', 'bf16'
                   "(emulated bf16 would be slower)")
 
 # %% ../nbs/06_train.ipynb #f32sc002
-_STEP_FIELDS = ('steps', 'disc_start', 'warmup_steps', 'val_every', 'ckpt_every')
-
 def scale_steps(cfg:TrainConfig)->TrainConfig:
     "`cfg` with every step count multiplied by `cfg.fp32_cpu_scale` (unset ones, -1 or 0, stay), and the scale consumed"
     s = cfg.fp32_cpu_scale
