@@ -1,5 +1,5 @@
 """Does bf16 autocast change what the demo learns? Trains the `cpu` preset twice with one seed, in fp32 and under bf16
-autocast (fp32 master weights), for --steps steps (the schedule shortened to them: warmup scaled alike, cosine to 0 at the
+autocast (fp32 master weights), for --steps steps (at most the preset's; its schedule shrunk by `scale_steps`: warmup alike, cosine to 0 at the
 end, no discriminator), and compares the two runs' logged training losses step by step and the held-out PSNR/SSIM that
 `make demo` measures. On a CPU without bf16 units oneDNN emulates bf16 (several times slower than fp32), so there the
 wall times say nothing about a bf16 CPU; the numerics are the same.
@@ -13,11 +13,11 @@ def one(steps, seed, threads, out, p):
     torch.set_num_threads(threads)
     from klvae.demo import heldout_sets
     from klvae.metrics import evaluate
-    from klvae.train import train, train_config
+    from dataclasses import replace
+    from klvae.train import train, train_config, scale_steps
     from klvae.vq import load_autoencoder
-    full = train_config('cpu')
-    cfg = train_config('cpu', steps=steps, disc_start=steps, warmup_steps=max(1, round(full.warmup_steps*steps/full.steps)),
-                       val_every=steps//5, ckpt_every=steps, log_every=5, seed=seed, mixed_precision=p, run_dir=str(Path(out)/p))
+    full = train_config('cpu', log_every=5, seed=seed, mixed_precision=p, run_dir=str(Path(out)/p))
+    cfg = scale_steps(replace(full, fp32_cpu_scale=steps/full.steps))   # the whole schedule shrunk to `steps` (at most the preset's)
     t0 = time.time(); run = train(cfg); minutes = (time.time() - t0)/60
     m = load_autoencoder(run/'vae')
     assert all(v.dtype == torch.float32 for v in m.state_dict().values())   # autocast never touches the master weights

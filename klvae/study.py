@@ -146,7 +146,7 @@ def run_study(study:Study, progress:bool=True)->StudyResults:
     images, runs, logs, protocol = [], [], [], ''
     for label, cfg in tqdm(study.configs.items(), desc=f'study {study.name} ({study.scale})', disable=not progress):
         folder = runs_dir/_slug(label)
-        cfg = effective_config(replace(cfg, run_dir=str(folder), resume=''))[0]   # the steps it trains here
+        cfg = replace(cfg, run_dir=str(folder), resume='')   # train scales it where 'auto' is fp32 on a CPU; run_state compares that
         state = run_state(cfg, folder)
         if state == 'other':  # the study owns its folders: a changed config retrains rather than mixing two runs
             print(f"study {study.name}: {label} changed since its last run; retraining it"); shutil.rmtree(folder); state = 'new'
