@@ -1,7 +1,7 @@
 """`make demo`: train the `cpu` preset on the embedded photos, measure the held-out photos, and write a training report to `reports/demo.html`.
 
 The main job of the workbench on a fresh machine, in one call: `demo()` trains the `cpu` preset of `settings.ini`
-(an f=8, 4-channel KL autoencoder small enough for two CPU cores, the discriminator joining part-way) on the
+(an f=8, 4-channel KL autoencoder small enough for two CPU cores; how its settings were chosen is the last section) on the
 photographs that ship with scikit-image, evaluates the untrained and the trained model on fixed crops of the
 held-out photos with `klvae.metrics.evaluate`, and renders `training_report`: a self-contained HTML page (plotly.js
 inlined, images embedded) with the loss curves, the validation grids before and after, and the metrics table with its

@@ -46,6 +46,7 @@ class Study:
     configs: dict              # label -> TrainConfig
     scale: str = 'ci'          # 'ci' (seconds), 'report' (make reports, 2 CPU cores) or 'full' (the paper's sizes, GPUs)
     processes: int = 1         # training processes per run (torchrun when > 1)
+    heldout_size: int = 0      # crop size of the held-out crops every run is measured on; 0: each run's own training size
     def __post_init__(self):
         if self.scale not in SCALES: raise ValueError(f"scale must be one of {SCALES}; got {self.scale!r}")
         if not re.fullmatch(r'[\w.-]+', self.name): raise ValueError(f"study name {self.name!r}: letters, digits, '.', '-', '_' only")
@@ -119,9 +120,10 @@ def _evaluation_code()->str:
     import hashlib, inspect, klvae.metrics, klvae.data
     return hashlib.sha256((inspect.getsource(klvae.metrics) + inspect.getsource(klvae.data) + inspect.getsource(heldout_sets)).encode()).hexdigest()[:16]
 
-def _measure(label, cfg, folder, metrics):
-    "Per-image metrics of a finished run on the held-out sets; cached in the run folder for the same export, metrics and code"
-    key = dict(metrics=list(metrics), export=(folder/'vae'/'config.json').stat().st_mtime_ns, code=_evaluation_code())
+def _measure(label, cfg, folder, metrics, size=0):
+    "Per-image metrics of a finished run on the held-out sets (crops of `size`, else of the training size); cached in the run folder for the same sets, export, metrics and code"
+    size = size or cfg.resolution
+    key = dict(metrics=list(metrics), crops=size, export=(folder/'vae'/'config.json').stat().st_mtime_ns, code=_evaluation_code())
     cache = folder/'heldout.json'
     if cache.is_file() and (c := json.loads(cache.read_text()))['key'] == key:
         d = pd.read_csv(folder/'heldout.csv')
@@ -129,7 +131,7 @@ def _measure(label, cfg, folder, metrics):
         return d, c['protocol'], c['extra']
     model, rows = load_model(folder), []
     extra = describe(model) | dict(parameters=sum(p.numel() for p in model.parameters()))
-    for set_name, ds in heldout_sets(cfg.resolution, cfg.zoom or None).items():
+    for set_name, ds in heldout_sets(size, cfg.zoom or None).items():
         df = evaluate(model, ds, metrics=metrics, progress=False)
         rows.append(df.assign(run=label, set=set_name, image=range(len(df))))
         for k, v in df.attrs.get('codebook', {}).items():
@@ -157,7 +159,7 @@ def run_study(study:Study, progress:bool=True)->StudyResults:
             (folder/'study.json').write_text(json.dumps({'wall_s': prev + time.time() - t0, 'machine': cpu_name(), 'processes': study.processes,
                                                           'threads': torch.get_num_threads()}))   # the child inherits OMP_NUM_THREADS
         info, meta = json.loads((folder/'config.json').read_text()), json.loads((folder/'study.json').read_text())
-        per_image, protocol, extra = _measure(label, cfg, folder, metrics)
+        per_image, protocol, extra = _measure(label, cfg, folder, metrics, study.heldout_size)
         images.append(per_image)
         row = dict(run=label, seed=cfg.seed, model=cfg.model, **extra, steps=cfg.steps, batch=info['global_batch'],
                    resolution=cfg.resolution, lr=info['lr'], precision=info.get('precision', {}).get('used', cfg.mixed_precision),
@@ -269,24 +271,33 @@ def table8_eval(models:dict,       # label -> checkpoint path (anything `load_au
     return t
 
 # %% ../nbs/08_study.ipynb #ds0code01
-DEMO_CANDIDATES = {   # what the demo sweep varies, on the cpu preset at its fp32 budget (`scale_steps`: 1300 steps of batch 8)
+DEMO_CANDIDATES = {   # overrides of the cpu preset at its fp32 budget (`scale_steps`: 1300 steps of batch 8 at 64², no other change)
     'GAN from step 1170': dict(disc_start=1170),
     'no GAN': dict(disc_start=1300),
+    'lr 2e-3': dict(disc_start=1300, lr=2e-3),
+    'constant lr': dict(disc_start=1300, lr_schedule='constant'),
+    # the same work in other shapes: steps set by the cost of a step relative to the budget's (2 threads, this notebook's
+    # text): batch 16 x2.1, 32² crops of batch 32 x0.86, width 64 x3.2
+    'batch 16, 650 steps': dict(disc_start=650, steps=650, batch_size=16),
+    '32² crops of batch 32, 1500 steps': dict(disc_start=1500, steps=1500, resolution=32, batch_size=32),
+    'width 64, 400 steps': dict(disc_start=400, steps=400, width=64),
 }
+_CI_TAKES = ('lr', 'lr_schedule', 'width')   # what a ci-scale candidate takes over; its sizes and steps are the ci preset's
 DEMO_REFERENCE = 'the whole preset, fp32'   # beside the candidates: the preset's whole schedule (what a bf16 CPU trains), in fp32
 
 def demo_sweep(scale:str='ci')->Study:
     "The candidates for `make demo`'s `cpu` preset (two seeds each) and the whole preset in fp32 (`DEMO_REFERENCE`, one seed), measured as the demo measures"
     if scale == 'full': raise ValueError("the demo sweep is about two CPU cores and ten minutes; it has no 'full' scale (use 'report')")
     if scale == 'ci':   # the ci preset's 6 steps; a candidate's GAN starts half-way or never
-        configs = {k: train_config('ci', perceptual='off', disc_start=3 if o['disc_start'] < 1300 else 6)
-                   for k, o in DEMO_CANDIDATES.items()}
+        configs = {k: train_config('ci', perceptual='off', disc_start=3 if o['disc_start'] < o.get('steps', 1300) else 6,
+                                   **{f: v for f, v in o.items() if f in _CI_TAKES}) for k, o in DEMO_CANDIDATES.items()}
         ref = train_config('ci', perceptual='off', steps=15, disc_start=15)
     else:
         budget = scale_steps(train_config('cpu'))   # the preset as it trains where 'auto' chooses fp32 on a CPU
         configs = {k: replace(budget, **o) for k, o in DEMO_CANDIDATES.items()}
         ref = train_config('cpu', mixed_precision='no')   # 'no': fp32 and every step of the schedule
-    return Study('demo-sweep', seeded(configs, (0, 1)) | seeded({DEMO_REFERENCE: ref}, (0,)), scale)   # the reference: 40 min, one seed
+    return Study('demo-sweep', seeded(configs, (0, 1)) | seeded({DEMO_REFERENCE: ref}, (0,)), scale,   # the reference: 40 min, one seed
+                 heldout_size=ref.resolution)   # every candidate measured on the demo's crops, whatever it trained on
 
 STUDIES['demo-sweep'] = demo_sweep
 
