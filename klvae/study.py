@@ -276,8 +276,7 @@ DEMO_CANDIDATES = {   # overrides of the cpu preset at its fp32 budget (`scale_s
     'no GAN': dict(disc_start=1300),
     'lr 2e-3': dict(disc_start=1300, lr=2e-3),
     'constant lr': dict(disc_start=1300, lr_schedule='constant'),
-    # the same work in other shapes: steps set by the cost of a step relative to the budget's (2 threads, this notebook's
-    # text): batch 16 x2.1, 32² crops of batch 32 x0.86, width 64 x3.2
+    # the same work in other shapes: steps set from the cost of their step against the budget's (bench/step_cost.py)
     'batch 16, 650 steps': dict(disc_start=650, steps=650, batch_size=16),
     '32² crops of batch 32, 1500 steps': dict(disc_start=1500, steps=1500, resolution=32, batch_size=32),
     'width 64, 400 steps': dict(disc_start=400, steps=400, width=64),
