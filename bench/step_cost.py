@@ -3,7 +3,8 @@ the budget's (the `cpu` preset at its fp32 budget: batch 8 of 64² crops, width 
 (steps of the shapes interleaved, so a change in the machine's speed hits them alike), and the candidate's whole work
 relative to the budget's (steps x seconds per step). `klvae.study.DEMO_CANDIDATES` sets the steps of the candidates that
 change a step's shape from these ratios, so that every candidate spends about the budget's ten minutes.
-A step here is what `train` does before the discriminator starts: forward with a posterior sample, L1 + KL, backward, Adam.
+A step here is what `train` does before the discriminator starts: forward with a posterior sample, the candidate's
+recipe (`VAELoss.generator_loss`; LPIPS off), backward, Adam.
 Usage: python bench/step_cost.py [--steps 12] [--threads 2]"""
 import argparse, time
 
@@ -17,6 +18,7 @@ if __name__ == '__main__':
     from klvae.study import DEMO_CANDIDATES
     from klvae.train import build_model, train_config, scale_steps
     from klvae.model import PRESETS
+    from klvae.losses import RECIPES, VAELoss
     torch.set_num_threads(a.threads); torch.manual_seed(0)
     budget = scale_steps(train_config('cpu'))
     cands = {'budget': budget} | {k: replace(budget, **o) for k, o in DEMO_CANDIDATES.items()}
@@ -25,13 +27,14 @@ if __name__ == '__main__':
         key = (c.resolution, c.batch_size, c.width)
         if key not in shapes:
             m = build_model(c.model, c.width)
-            shapes[key] = (m, torch.optim.Adam(m.parameters(), lr=1e-4), torch.rand(c.batch_size, 3, c.resolution, c.resolution)*2 - 1)
+            shapes[key] = (m, torch.optim.Adam(m.parameters(), lr=1e-4), torch.rand(c.batch_size, 3, c.resolution, c.resolution)*2 - 1,
+                           VAELoss(replace(RECIPES[c.recipe], disc_start=c.steps), None))   # no discriminator: a VAE step
     times = {k: [] for k in shapes}
     for i in range(a.steps + 1):   # the first round warms up
-        for k, (m, opt, x) in shapes.items():
+        for k, (m, opt, x, objective) in shapes.items():
             t0 = time.perf_counter()
             rec, post = m(x)
-            ((rec - x).abs().mean() + 1e-6*post.kl().mean()).backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            objective.generator_loss(x, rec, post, 0, None, m.last_layer)[0].backward(); opt.step(); opt.zero_grad(set_to_none=True)
             if i: times[k].append(time.perf_counter() - t0)
     med = {k: sorted(t)[len(t)//2] for k, t in times.items()}
     base = med[(budget.resolution, budget.batch_size, budget.width)]

@@ -287,12 +287,12 @@ DEMO_REFERENCE = 'the whole preset, fp32'   # beside the candidates: the preset'
 def demo_sweep(scale:str='ci')->Study:
     "The candidates for `make demo`'s `cpu` preset (two seeds each) and the whole preset in fp32 (`DEMO_REFERENCE`, one seed), measured as the demo measures"
     if scale == 'full': raise ValueError("the demo sweep is about two CPU cores and ten minutes; it has no 'full' scale (use 'report')")
+    budget = scale_steps(train_config('cpu'))   # the preset as it trains where 'auto' chooses fp32 on a CPU
     if scale == 'ci':   # the ci preset's 6 steps; a candidate's GAN starts half-way or never
-        configs = {k: train_config('ci', perceptual='off', disc_start=3 if o['disc_start'] < o.get('steps', 1300) else 6,
+        configs = {k: train_config('ci', perceptual='off', disc_start=3 if o['disc_start'] < o.get('steps', budget.steps) else 6,
                                    **{f: v for f, v in o.items() if f in _CI_TAKES}) for k, o in DEMO_CANDIDATES.items()}
         ref = train_config('ci', perceptual='off', steps=15, disc_start=15)
     else:
-        budget = scale_steps(train_config('cpu'))   # the preset as it trains where 'auto' chooses fp32 on a CPU
         configs = {k: replace(budget, **o) for k, o in DEMO_CANDIDATES.items()}
         ref = train_config('cpu', mixed_precision='no')   # 'no': fp32 and every step of the schedule
     return Study('demo-sweep', seeded(configs, (0, 1)) | seeded({DEMO_REFERENCE: ref}, (0,)), scale,   # the reference: 40 min, one seed
