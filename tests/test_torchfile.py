@@ -378,22 +378,24 @@ def test_legacy_and_zip_state_dicts_load(tiny, tmp_path):
         assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in m.state_dict().items())
 
 
-def test_full_sd_checkpoint_reads_only_the_autoencoder(tiny, tmp_path):
-    "A full SD-shaped checkpoint: the UNet's storage is never read (it is missing here, and the load still works)"
+def test_full_sd_checkpoint_reads_only_the_autoencoder(tiny, tmp_path, monkeypatch):
+    "A full SD-shaped checkpoint: the UNet's storage is never read; a storage member of the wrong length is refused when declared"
+    import klvae.torchfile as tf
     sd = {f'first_stage_model.{k}': v for k, v in tiny.state_dict().items()}
     sd['model.diffusion_model.out.2.weight'] = torch.zeros(4, 320, 3, 3)
     torch.save({'state_dict': sd, 'global_step': 470000}, tmp_path/'sd.ckpt')
-    # cut the UNet tensor's bytes out of the zip: a reader that touched them would fail
-    with zipfile.ZipFile(tmp_path/'sd.ckpt') as z:
-        refs = read_torch_file(tmp_path/'sd.ckpt')
-        members = {i.filename: z.read(i) for i in z.infolist()}
-    unet_key = None
-    from klvae.torchfile import open_torch_file
-    with open_torch_file(tmp_path/'sd.ckpt') as obj: unet_key = obj['state_dict']['model.diffusion_model.out.2.weight'].storage.key
-    members[f'sd/data/{unet_key}'] = b'\0' * 16  # wrong length: reading it would be refused
+    refs = read_torch_file(tmp_path/'sd.ckpt')
+    with tf.open_torch_file(tmp_path/'sd.ckpt') as obj: unet_key = obj['state_dict']['model.diffusion_model.out.2.weight'].storage.key
+    read, original = [], tf._ZipReader._read_storage
+    monkeypatch.setattr(tf._ZipReader, '_read_storage', lambda self, key, n: read.append(key) or original(self, key, n))
+    m = AutoencoderKL.from_pretrained(tmp_path/'sd.ckpt')
+    assert unet_key not in read and len(read) == len(tiny.state_dict())
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in m.state_dict().items())
+    # cut the UNet tensor's bytes short: declared bytes are compared with the member before anything is read
+    with zipfile.ZipFile(tmp_path/'sd.ckpt') as z: members = {i.filename: z.read(i) for i in z.infolist()}
+    members[f'sd/data/{unet_key}'] = b'\0' * 16
     with zipfile.ZipFile(tmp_path/'cut.ckpt', 'w') as z:
         for n, b in members.items(): z.writestr(n.replace('sd/', 'cut/', 1), b)
-    with pytest.raises(CheckpointError, match='declares'): read_torch_file(tmp_path/'cut.ckpt')
-    m = AutoencoderKL.from_pretrained(tmp_path/'cut.ckpt')  # never reads the UNet storage, so its damage is never seen
-    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in m.state_dict().items())
+    for load in (read_torch_file, AutoencoderKL.from_pretrained):
+        with pytest.raises(CheckpointError, match='declares 46080 bytes'): load(tmp_path/'cut.ckpt')
     assert refs['global_step'] == 470000
