@@ -7,6 +7,7 @@ from klvae import checkpoints  # attaches AutoencoderKL.from_pretrained and .sav
 
 Modules:
 
+- `klvae.baselines`: What a reconstruction figure means: the trivial codecs beside it, and per-photo paired differences with bootstrap intervals.
 - `klvae.checkpoints`: Load and save KL autoencoder weights in the diffusers and CompVis layouts, without ever running code from a pickle.
 - `klvae.config`: The workbench's settings: where data, runs, reports and weight files live, read once from `settings.ini` and the environment.
 - `klvae.data`: Training and evaluation images as float tensors in [-1, 1]: the photographs shipped with scikit-image, any folder of images, and OpenImages v7.

@@ -37,7 +37,7 @@ def find_settings(start:Path|None=None # folder to search upwards from (default:
     return None
 
 # %% ../nbs/00_config.ipynb #b6c1da77
-_defaults = dict(data_path='data', runs_path='runs', reports_path='reports', weights_path='weights',
+_defaults = dict(data_path='data', photos_path='data/photos', runs_path='runs', reports_path='reports', weights_path='weights',
                  vgg16_weights='', inception_weights='')
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Settings:
     "The workbench's resolved settings"
     root: Path               # folder of settings.ini (the project root)
     data_path: Path          # datasets: OpenImages downloads, prepared folders
+    photos_path: Path        # the photographs committed with klvae (data/photos: JPEGs and credits.csv)
     runs_path: Path          # one folder per training run
     reports_path: Path       # rendered HTML reports
     weights_path: Path       # local weight files (VGG16, Inception, pretrained VAEs)

@@ -16,11 +16,12 @@ Docs: https://github.com/klvae/klvae/data.html.md"""
 
 # %% auto #0
 __all__ = ['PHOTOS', 'VAL_SCENES', 'VAL_PHOTOS', 'IMAGE_EXTENSIONS', 'OPENIMAGES_SPLITS', 'to_tensor', 'to_uint8', 'image_grid',
-           'item_generator', 'resize_short_side', 'CropDataset', 'Photo', 'load_photo', 'EmbeddedPhotos', 'to_rgb',
-           'list_image_files', 'check_image', 'load_rgb', 'ImageFolder', 'download_openimages']
+           'item_generator', 'resize_short_side', 'CropDataset', 'Photo', 'committed_photos', 'load_photo',
+           'EmbeddedPhotos', 'to_rgb', 'list_image_files', 'check_image', 'load_rgb', 'ImageFolder',
+           'download_openimages']
 
 # %% ../nbs/04_data.ipynb #a296fdc6
-import os, warnings
+import csv, os, warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -124,11 +125,13 @@ class CropDataset(torch.utils.data.Dataset):
 # %% ../nbs/04_data.ipynb #a426ca81
 @dataclass(frozen=True)
 class Photo:
-    "A photograph bundled in scikit-image's wheel"
-    loader: str             # function of skimage.data
+    "A photograph bundled in scikit-image's wheel, or committed under `photos_path`"
+    loader: str             # function of skimage.data ('' for a committed file)
     scene: str              # photos of one scene always share a split
-    credit: str             # origin and licence, from skimage.data's docstrings
+    credit: str             # origin and licence, from skimage.data's docstrings or credits.csv
     part: int|None = None   # element of a loader returning a tuple (the stereo pair)
+    file: str = ''          # a committed photograph: its file in `photos_path`
+    split: str = ''         # a committed photograph: 'train' or 'val', as credits.csv assigns it
 
 PHOTOS = {
     'astronaut': Photo('astronaut', 'astronaut', 'Eileen Collins, NASA Great Images database; public domain'),
@@ -144,30 +147,52 @@ PHOTOS = {
 VAL_SCENES = ('chelsea', 'coffee')   # held out: never in the training split
 VAL_PHOTOS = tuple(n for n, p in PHOTOS.items() if p.scene in VAL_SCENES)
 
+# %% ../nbs/04_data.ipynb #ph0code1
+@lru_cache(maxsize=None)
+def committed_photos()->dict:
+    "The photographs committed under `photos_path` (name -> `Photo`), as `credits.csv` lists them"
+    d = get_settings().photos_path
+    f = d/'credits.csv'
+    if not f.is_file(): raise FileNotFoundError(f"{f} does not exist: the photographs committed with klvae are missing. Restore "
+                                                f"them (git checkout -- data/photos) or point photos_path in settings.ini at them.")
+    with open(f, newline='') as fh: rows = list(csv.DictReader(fh))
+    bad = [r.get('file') for r in rows if r.get('split') not in ('train', 'val') or not (d/str(r.get('file'))).is_file()]
+    if bad: raise ValueError(f"{f}: rows whose file is missing or whose split is not train/val: {bad[:5]}")
+    return {Path(r['file']).stem: Photo('', Path(r['file']).stem, f"{r['title']}, {r['author']}; {r['license']} "
+                                        f"(Debian {r['source_package']})", file=r['file'], split=r['split']) for r in rows}
+
 # %% ../nbs/04_data.ipynb #fb44ce14
 @lru_cache(maxsize=None)
 def load_photo(name:str)->np.ndarray:
-    "The embedded photograph `name` as a read-only uint8 array (H, W, 3)"
-    if name not in PHOTOS: raise KeyError(f"no embedded photo {name!r}; the photos are {list(PHOTOS)}")
-    from skimage import data as skdata   # imported on use: scikit-image is slow to import
-    p = PHOTOS[name]
-    a = getattr(skdata, p.loader)()
-    a = np.ascontiguousarray(a if p.part is None else a[p.part])
+    "The embedded photograph `name` (scikit-image's or a committed one) as a read-only uint8 array (H, W, 3)"
+    if name in PHOTOS:
+        from skimage import data as skdata   # imported on use: scikit-image is slow to import
+        p = PHOTOS[name]
+        a = getattr(skdata, p.loader)()
+        a = a if p.part is None else a[p.part]
+    elif name in committed_photos():
+        with Image.open(get_settings().photos_path/committed_photos()[name].file) as img: a = np.asarray(img.convert('RGB'))
+    else: raise KeyError(f"no embedded photo {name!r}; the photos are {list(PHOTOS)} and the committed {list(committed_photos())}")
+    a = np.ascontiguousarray(a)
     a.flags.writeable = False
     return a
 
 # %% ../nbs/04_data.ipynb #7a602e36
 class EmbeddedPhotos(CropDataset):
-    "scikit-image's bundled colour photographs, split by scene into 'train', 'val' (held out) or 'all'"
-    def __init__(self, split:str='train',    # 'train', 'val' (VAL_PHOTOS) or 'all'
+    "scikit-image's bundled colour photographs (and the committed ones), split by scene into 'train', 'val' (held out) or 'all'"
+    def __init__(self, split:str='train',    # 'train', 'val' (held out: VAL_PHOTOS and the committed val split) or 'all'
                  size:int=256,               # square crop size, a multiple of 8
                  train:bool=True,            # random crop + flip (True) or short-side resize + center crop (False)
                  repeats:int=1,              # items per photo per epoch
                  seed:int=0,                 # seed of the per-item crops and flips
-                 zoom:float|None=1.5):       # training: short side brought to zoom*size when longer; None: native
-        splits = {'train': [n for n in PHOTOS if n not in VAL_PHOTOS], 'val': list(VAL_PHOTOS), 'all': list(PHOTOS)}
+                 zoom:float|None=1.5,        # training: short side brought to zoom*size when longer; None: native
+                 collection:str='skimage'):  # 'skimage' (the nine bundled photos) or 'all' (and the 37 committed under photos_path)
+        if collection not in ('skimage', 'all'): raise ValueError(f"collection must be 'skimage' or 'all'; got {collection!r}.")
+        more = committed_photos() if collection == 'all' else {}
+        splits = {'train': [n for n in PHOTOS if n not in VAL_PHOTOS] + [n for n, p in more.items() if p.split == 'train'],
+                  'val': [*VAL_PHOTOS, *(n for n, p in more.items() if p.split == 'val')], 'all': [*PHOTOS, *more]}
         if split not in splits: raise ValueError(f"split must be one of {list(splits)}; got {split!r}.")
-        self.split, self.names = split, splits[split]
+        self.split, self.collection, self.names, self._credits = split, collection, splits[split], {n: p.credit for n, p in (PHOTOS | more).items()}
         super().__init__(len(self.names), size, train, repeats, seed, zoom)
         self._images = []
         for n in self.names:
@@ -181,8 +206,8 @@ class EmbeddedPhotos(CropDataset):
     def summary(self)->dict:
         "What this dataset serves"
         return dict(split=self.split, photos=self.names, items=len(self), transform=self.transform,
-                    credits={n: PHOTOS[n].credit for n in self.names})
-    def __repr__(self): return f"EmbeddedPhotos(split={self.split!r}, {self.n_sources} photos, {len(self)} items, size={self.size}, {'train' if self.train else 'eval'})"
+                    credits={n: self._credits[n] for n in self.names})
+    def __repr__(self): return f"EmbeddedPhotos(split={self.split!r}, {self.collection}, {self.n_sources} photos, {len(self)} items, size={self.size}, {'train' if self.train else 'eval'})"
 
 # %% ../nbs/04_data.ipynb #2a37d729
 def to_rgb(img:Image.Image)->Image.Image:

@@ -19,7 +19,7 @@ Docs: https://github.com/klvae/klvae/study.html.md"""
 # %% auto #0
 __all__ = ['SCALES', 'STUDIES', 'TABLE8_MODELS', 'DEMO_CANDIDATES', 'DEMO_REFERENCE', 'Study', 'seeded', 'study_dirs',
            'run_state', 'train_command', 'StudyResults', 'load_model', 'describe', 'run_study', 'load_results',
-           'seed_bands', 'hinge_vs_vanilla', 'table8', 'table8_eval', 'demo_sweep', 'main']
+           'seed_bands', 'hinge_vs_vanilla', 'table8', 'table8_eval', 'sweep_budget', 'demo_sweep', 'main']
 
 # %% ../nbs/08_study.ipynb #97410ad6
 import argparse, json, os, re, shutil, subprocess, sys, time
@@ -72,9 +72,11 @@ def run_state(cfg:TrainConfig, folder:Path)->str:
     "'done' (finished run of `cfg`), 'resume' (interrupted run of `cfg`), 'new' (nothing there) or 'other' (another config)"
     info, cfg = folder/'config.json', effective_config(cfg)[0]   # compared as it trains on this machine
     if not info.is_file(): return 'new'
-    try: saved = json.loads(info.read_text())['config']
+    try: info = json.loads(info.read_text()); saved = info['config']
     except (ValueError, KeyError): return 'other'
-    saved = {f.name: f.default for f in fields(TrainConfig)} | saved   # a field added since ran at its default
+    if saved.get('mixed_precision') == 'auto': saved['mixed_precision'] = info.get('precision', {}).get('used', 'auto')  # resolved since
+    names = {f.name for f in fields(TrainConfig)}   # a field added since ran at its default; a removed one is gone
+    saved = {f.name: f.default for f in fields(TrainConfig)} | {k: v for k, v in saved.items() if k in names}
     want = asdict(replace(cfg, run_dir=str(folder), resume=''))
     if {k: v for k, v in saved.items() if k != 'resume'} != {k: v for k, v in want.items() if k != 'resume'}: return 'other'
     if (folder/'vae'/'config.json').is_file() and (folder/'study.json').is_file(): return 'done'
@@ -209,11 +211,13 @@ def seed_bands(logs:pd.DataFrame,  # a study's logs table (columns step, run, tr
     return fig.update_layout(height=230*(-(-len(keys)//cols)), margin=dict(t=40, b=20, l=40, r=20))
 
 # %% ../nbs/08_study.ipynb #5bc09a40
+_SKIMAGE = dict(data='embedded', val_data='embedded', val_images=8)   # the data these studies ran on (the cpu preset's until it took 'photos')
+
 def hinge_vs_vanilla(scale:str='ci')->Study:
     "The two discriminator losses, identical otherwise, over seeds; the discriminator on for most of the steps"
     base = dict(ci=dict(preset='ci', steps=8, disc_start=2, val_every=2, log_every=1),
                 report=dict(preset='cpu', steps=900, batch_size=4, lr=1e-3, disc_start=300, warmup_steps=20, val_every=100,
-                            log_every=10, ckpt_every=300, num_workers=0),
+                            log_every=10, ckpt_every=300, num_workers=0, **_SKIMAGE),
                 full=dict(preset='kl-f8', disc_start=50001))[scale]
     preset = base.pop('preset')
     seeds = (0, 1) if scale == 'ci' else (0, 1, 2)
@@ -230,7 +234,7 @@ def table8(scale:str='ci')->Study:
     "KL against VQ at f=8 and f=4 (LDM Table 8): the CompVis architectures and recipes at one width, all else identical"
     base = dict(ci=dict(preset='ci', width=32, steps=3, disc_start=3, val_every=3, mixed_precision='no'),
                 report=dict(preset='cpu', width=32, steps=500, batch_size=4, disc_start=500, warmup_steps=20, val_every=100,
-                            log_every=10, ckpt_every=250, num_workers=0, mixed_precision='no'),
+                            log_every=10, ckpt_every=250, num_workers=0, mixed_precision='no', **_SKIMAGE),
                 full=dict(preset='kl-f8', disc_start=-1))[scale]   # full: width 128, each recipe's own discriminator start
     preset = base.pop('preset')
     configs = {k: train_config(preset, model=m, recipe=r, perceptual='auto', **base) for k, (m, r) in TABLE8_MODELS.items()}
@@ -284,17 +288,22 @@ DEMO_CANDIDATES = {   # overrides of the cpu preset at its fp32 budget (`scale_s
 _CI_TAKES = ('lr', 'lr_schedule', 'width')   # what a ci-scale candidate takes over; its sizes and steps are the ci preset's
 DEMO_REFERENCE = 'the whole preset, fp32'   # beside the candidates: the preset's whole schedule (what a bf16 CPU trains), in fp32
 
+def sweep_budget()->TrainConfig:
+    "The `cpu` preset as the sweep compared it: fp32, 0.4 of its 3250-step schedule (a 2-core AVX2 EPYC's ten minutes), scikit-image's photos"
+    return scale_steps(train_config('cpu', data='embedded', val_data='embedded', steps=3250, disc_start=3250, warmup_steps=125,
+                                    val_every=650, ckpt_every=1625, val_images=8, mixed_precision='no'), 0.4)
+
 def demo_sweep(scale:str='ci')->Study:
     "The candidates for `make demo`'s `cpu` preset (two seeds each) and the whole preset in fp32 (`DEMO_REFERENCE`, one seed), measured as the demo measures"
     if scale == 'full': raise ValueError("the demo sweep is about two CPU cores and ten minutes; it has no 'full' scale (use 'report')")
-    budget = scale_steps(train_config('cpu'))   # the preset as it trains where 'auto' chooses fp32 on a CPU
+    budget = sweep_budget()
     if scale == 'ci':   # the ci preset's 6 steps; a candidate's GAN starts half-way or never
         configs = {k: train_config('ci', perceptual='off', disc_start=3 if o['disc_start'] < o.get('steps', budget.steps) else 6,
                                    **{f: v for f, v in o.items() if f in _CI_TAKES}) for k, o in DEMO_CANDIDATES.items()}
         ref = train_config('ci', perceptual='off', steps=15, disc_start=15)
     else:
         configs = {k: replace(budget, **o) for k, o in DEMO_CANDIDATES.items()}
-        ref = train_config('cpu', mixed_precision='no')   # 'no': fp32 and every step of the schedule
+        ref = scale_steps(budget, 1/0.4)   # fp32 and every step of the schedule
     return Study('demo-sweep', seeded(configs, (0, 1)) | seeded({DEMO_REFERENCE: ref}, (0,)), scale,   # the reference: 40 min, one seed
                  heldout_size=ref.resolution)   # every candidate measured on the demo's crops, whatever it trained on
 

@@ -254,22 +254,55 @@ def test_accelerate_launch_runs_the_module(tmp_path):
     assert (tmp_path/'al'/'vae'/'diffusion_pytorch_model.safetensors').is_file()
 
 @pytest.mark.parametrize('probe', [True, False])
-def test_auto_precision_follows_the_device_probe(tmp_path, probe):
-    "mixed_precision='auto' is bf16 exactly when the CPU probe says so (forced both ways); the choice and reason are recorded"
+def test_auto_precision_follows_the_forced_probe(tmp_path, probe):
+    "KLVAE_CPU_BF16 forces mixed_precision='auto' either way on any CPU; the choice and reason are recorded, the run is finite"
     script = textwrap.dedent(f'''
         import klvae.train as t
-        t.cpu_bf16_supported = lambda: {probe}
         t.train(t.train_config('ci', run_dir={str(tmp_path/'auto')!r}, perceptual='off', mixed_precision='auto'))
     ''')
-    r = run([sys.executable, '-c', script])
+    r = run([sys.executable, '-c', script], env={**os.environ, 'KLVAE_CPU_BF16': str(int(probe))})
     info = json.loads((tmp_path/'auto'/'config.json').read_text())
-    assert info['config']['mixed_precision'] == 'auto'
-    assert info['precision']['used'] == ('bf16' if probe else 'no')
-    assert ('reports bf16 support' if probe else 'reports no bf16 support') in info['precision']['reason']
-    assert f"precision {'bf16' if probe else 'no'} (auto:" in r.stdout
+    assert info['requested']['mixed_precision'] == 'auto'
+    assert info['config']['mixed_precision'] == info['precision']['used'] == ('bf16' if probe else 'no')
+    assert info['precision']['reason'] == f'auto: forced by KLVAE_CPU_BF16={int(probe)}'
+    assert f"precision {'bf16' if probe else 'no'} (auto: forced" in r.stdout
     rows = [r for r in log_rows(tmp_path/'auto') if 'trains' in r]
     assert len(rows) == 6 and all(r['train/loss'] == r['train/loss'] and abs(r['train/loss']) < 1e6 for r in rows if 'train/loss' in r)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights(tmp_path/'auto'/'vae').values())
+
+
+def test_auto_precision_measured_where_bf16_units_exist(tmp_path):
+    "On a CPU with bf16 units (the probe faked where there are none) 'auto' times both precisions and records the seconds"
+    script = textwrap.dedent(f'''
+        import klvae.train as t
+        t.cpu_bf16_supported = lambda: True
+        t.train(t.train_config('ci', run_dir={str(tmp_path/'m')!r}, perceptual='off', mixed_precision='auto'))
+    ''')
+    env = {'KLVAE_RUNS_PATH': str(tmp_path/'runs'), 'KLVAE_CPU_BF16': ''}   # not forced, whatever the suite's setting
+    run([sys.executable, '-c', script], env=env)
+    info = json.loads((tmp_path/'m'/'config.json').read_text())
+    s = info['precision']['step_seconds']
+    assert set(s) == {'fp32', 'bf16'} and all(v > 0 for v in s.values())
+    assert info['precision']['used'] == ('bf16' if s['bf16'] < 0.95*s['fp32'] else 'no')
+    assert 'auto: measured' in info['precision']['reason']
+    assert len(json.loads((tmp_path/'runs'/'step_seconds.json').read_text())) == 2   # cached per machine and shape
+
+
+def test_time_budget_scales_the_steps_and_resume_keeps_them(tmp_path):
+    "time_budget_min fits the steps to the measured step time; a resumed run continues that schedule, not a re-measured one"
+    env = os.environ | {'KLVAE_RUNS_PATH': str(tmp_path/'runs'), 'KLVAE_CPU_BF16': '0'}
+    cfg = dict(preset='ci', run_dir=str(tmp_path/'b'), perceptual='off', steps=10**6, disc_start=10**6, time_budget_min=0.02,
+               val_every=0, ckpt_every=0)
+    args = [a for k, v in cfg.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    run([sys.executable, '-m', 'klvae.train', *args], env=env)
+    info = json.loads((tmp_path/'b'/'config.json').read_text())
+    s, = json.loads((tmp_path/'runs'/'step_seconds.json').read_text()).values()   # fp32 forced: one precision measured
+    steps = info['config']['steps']
+    assert steps == round(1.2/s) < 10**6 and info['config']['time_budget_min'] == 0
+    assert f"{10**6} -> {steps} steps" in info['work'] and len([r for r in log_rows(tmp_path/'b') if 'trains' in r]) == steps
+    run([sys.executable, '-m', 'klvae.train', *args, '--resume', 'latest'], env=env | {'KLVAE_RUNS_PATH': str(tmp_path/'other')})
+    info2 = json.loads((tmp_path/'b'/'config.json').read_text())
+    assert info2['config']['steps'] == steps and not (tmp_path/'other'/'step_seconds.json').exists()   # not measured again
 
 
 def test_ci_vq_preset_trains_a_vq_model(tmp_path):
