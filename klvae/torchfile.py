@@ -460,8 +460,8 @@ def _finish(obj, plain:bool, materialize:bool):
     memo = {}
     def bad(x, why): raise CheckpointError(f"the file leaves {brief(x)} in its object: {why}")
     def key(k):
-        if not (type(k) in _LEAVES or (type(k) is tuple and all(type(y) in _LEAVES for y in k)) or (not plain and isinstance(k, Stub))):
-            bad(k, "a dict key must be a number, text, bytes, None or a tuple of them")
+        if not (type(k) in _LEAVES or (type(k) is tuple and all(type(y) in _LEAVES for y in k)) or (not plain and (isinstance(k, Stub) or (isinstance(k, type) and issubclass(k, Stub))))):
+            bad(k, "a dict key must be a number, text, bytes, None, a tuple of them or a stub")
     def walk(x):
         t = type(x)
         if t in _LEAVES or t is torch.Tensor: return x
