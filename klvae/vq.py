@@ -32,7 +32,7 @@ from fastcore.basics import patch
 from safetensors.torch import save_file
 from .model import Encoder, Decoder, AutoencoderKL
 from .checkpoints import autoencoder_keys, build_checked, check_config, compvis_state_dict, convert_state_dict, infer_config
-from .checkpoints import load_state_dict_file, read_config_json, _located, _WEIGHT_NAMES
+from .checkpoints import load_state_dict_file, read_config_json, check_config_types, _located, _naming, _WEIGHT_NAMES
 from .torchfile import CheckpointError, brief
 
 # %% ../nbs/05a_vq.ipynb #9cf697ec
@@ -279,13 +279,17 @@ _VQ_DIFFUSERS_DEFAULTS = dict(in_channels=3, out_channels=3, down_block_types=('
                               block_out_channels=(64,), layers_per_block=1, act_fn='silu', latent_channels=3, sample_size=32,
                               num_vq_embeddings=256, norm_num_groups=32, vq_embed_dim=None, scaling_factor=None, norm_type='group',
                               mid_block_add_attention=True, lookup_from_codebook=False, force_upcast=False)
+_VQ_DIFFUSERS_KINDS = dict(in_channels='int', out_channels='int', down_block_types='strs', up_block_types='strs', block_out_channels='ints',
+                           layers_per_block='int', act_fn='str', latent_channels='int', sample_size='int', num_vq_embeddings='int',
+                           norm_num_groups='int', vq_embed_dim='int?', scaling_factor='scale?', norm_type='str',
+                           mid_block_add_attention='bool', lookup_from_codebook='bool', force_upcast='bool')
 _BLOCK_TYPES = {'down_block_types': ('DownEncoderBlock2D', 'AttnDownEncoderBlock2D'), 'up_block_types': ('UpDecoderBlock2D', 'AttnUpDecoderBlock2D')}
 
 def vq_config_from_diffusers(d:dict # the contents of a diffusers VQModel config.json
                             )->VQConfig:
     "The `VQConfig` of a diffusers `VQModel` config"
     if d.get('_class_name', 'VQModel') != 'VQModel':
-        raise CheckpointError(f"config.json describes a {brief(d['_class_name'])}, not a VQModel"
+        raise CheckpointError(f"config.json describes a {brief(d['_class_name'], 100)}, not a VQModel"
                               + (": load it with AutoencoderKL.from_pretrained" if d['_class_name'] == 'AutoencoderKL' else ''))
     unknown = sorted(k for k in d if not k.startswith('_') and k not in _VQ_DIFFUSERS_DEFAULTS)
     extra = d.get('_klvae', {})
@@ -294,6 +298,7 @@ def vq_config_from_diffusers(d:dict # the contents of a diffusers VQModel config
     if type(extra.get('beta', 0.25)) not in (int, float) or type(extra.get('legacy', True)) is not bool:
         raise CheckpointError(f"config.json's _klvae needs a number beta and a boolean legacy; got {brief(extra, 400)}")
     c = {**_VQ_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith('_')}}
+    check_config_types(c, _VQ_DIFFUSERS_KINDS)  # before any arithmetic on them
     boc = list(c['block_out_channels'])
     bad = {k: c[k] for k, v in dict(act_fn='silu', norm_num_groups=32, norm_type='group').items() if c[k] != v}
     bad |= {k: c[k] for k, ok in _BLOCK_TYPES.items() if len(c[k]) != len(boc) or any(b not in ok for b in c[k])}
@@ -306,7 +311,7 @@ def vq_config_from_diffusers(d:dict # the contents of a diffusers VQModel config
     return VQConfig(resolution=c['sample_size'], in_channels=c['in_channels'], out_ch=c['out_channels'], ch=boc[0],
                     ch_mult=tuple(w//boc[0] for w in boc), num_res_blocks=c['layers_per_block'],
                     attn_resolutions=tuple(c['sample_size'] // 2**i for i, a in enumerate(attn) if a),
-                    mid_attention=bool(c['mid_block_add_attention']), z_channels=c['latent_channels'],
+                    mid_attention=c['mid_block_add_attention'], z_channels=c['latent_channels'],
                     embed_dim=c['vq_embed_dim'] or c['latent_channels'], n_embed=c['num_vq_embeddings'],
                     beta=extra.get('beta', 0.25), legacy=extra.get('legacy', True),
                     scaling_factor=1.0 if c['scaling_factor'] is None else c['scaling_factor'])
@@ -352,21 +357,24 @@ def from_pretrained(cls:VQModel,
                     ema:bool=False,             # load a CompVis checkpoint's `model_ema` weights instead of its raw weights
                    )->VQModel:
     "Load a CompVis VQ checkpoint or a diffusers VQModel folder"
-    path, cfg_json = _located(Path(path))
+    path = Path(path)
     try:
+        path, cfg_json = _located(path)
         if config is None and cfg_json is not None:  # checked before a byte of weights is read
             config = vq_config_from_diffusers(cfg_json); check_config(config, 'config.json')
         sd = compvis_state_dict(vq_state_dict_file(path, ema), what='VQ autoencoder')
         config = config or infer_vq_config(sd)
-    except CheckpointError as e: raise e if str(path) in str(e) else CheckpointError(f"{path}: {e}") from e
-    except Exception as e: raise CheckpointError(f"{path}: {type(e).__name__}: {brief(str(e))}") from e
-    network = replace(config, codebook_ema_decay=0.0, dead_code_steps=0)
-    model = build_checked(cls, network, sd, path)
-    if network == config: return model
-    remedied = cls(config)  # the remedies' statistics start from the loaded codebook
-    remedied.load_state_dict(model.state_dict(), strict=False)
-    remedied.quantize.reset_statistics()
-    return remedied.eval()
+        check_config(config, str(path))
+        network = replace(config, codebook_ema_decay=0.0, dead_code_steps=0)
+        model = build_checked(cls, network, sd, path)
+        if network == config: return model
+        remedied = cls(config)  # the remedies' statistics start from the loaded codebook
+        remedied.load_state_dict(model.state_dict(), strict=False)
+        remedied.quantize.reset_statistics()
+        return remedied.eval()
+    except Exception as e:
+        if (named := _naming(path, e)) is e: raise
+        raise named from e
 
 @patch
 def save_pretrained(self:VQModel,
@@ -385,10 +393,14 @@ def save_pretrained(self:VQModel,
 def load_autoencoder(path:str|Path)->nn.Module:
     "The KL or VQ autoencoder a diffusers folder or checkpoint file holds"
     path = Path(path)
-    if path.is_dir() and (path/'config.json').is_file():
-        vq = read_config_json(path/'config.json').get('_class_name') == 'VQModel'
-    else:
-        keys = []
-        load_state_dict_file(path, select=lambda ks: keys.extend(ks) or [])  # names only: no tensor is read
-        vq = any(k.endswith('quantize.embedding.weight') for k in keys)
-    return (VQModel if vq else AutoencoderKL).from_pretrained(path)
+    try:
+        if path.is_dir() and (path/'config.json').is_file():
+            vq = read_config_json(path/'config.json').get('_class_name') == 'VQModel'
+        else:
+            keys = []
+            load_state_dict_file(path, select=lambda ks: keys.extend(ks) or [])  # names only: no tensor is read
+            vq = any(k.endswith('quantize.embedding.weight') for k in keys)
+        return (VQModel if vq else AutoencoderKL).from_pretrained(path)
+    except Exception as e:
+        if (named := _naming(path, e)) is e: raise
+        raise named from e
