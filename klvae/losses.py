@@ -26,18 +26,21 @@ from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 import lpips
 from .config import find_weights
-from .checkpoints import load_state_dict_file
+from .checkpoints import load_state_dict_file, check_state_dict
+from .torchfile import CheckpointError, brief
 
 # %% ../nbs/03_losses.ipynb #099e4e86
 def _vgg16_into_lpips(net:nn.Module, # lpips' `vgg16` module (`LPIPS.net`), five `sliceK` Sequentials
                       sd:dict,       # torchvision VGG16 state dict: `features.N.weight`, `features.N.bias`, `classifier.*`
                       source:str):   # where `sd` came from, for error messages
-    "Copy torchvision's `features.N` convolutions into lpips' `sliceK.N` modules; every conv must be found"
+    "Copy torchvision's `features.N` convolutions into lpips' `sliceK.N` modules; every conv must be found, of its shape, finite"
     convs = {name.split('.')[1]: name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)}  # 'N' -> 'sliceK.N'
     missing = [f'features.{n}.{p}' for n in convs for p in ('weight', 'bias') if f'features.{n}.{p}' not in sd]
-    if missing: raise ValueError(f"{source} is not torchvision's VGG16 state dict: it lacks {missing[:4]} "
-                                 f"({len(missing)} tensors missing). Use the file torchvision names vgg16-397923af.pth.")
-    net.load_state_dict({f'{name}.{p}': sd[f'features.{n}.{p}'] for n, name in convs.items() for p in ('weight', 'bias')}, strict=True)
+    if missing: raise CheckpointError(f"{source} is not torchvision's VGG16 state dict: it lacks {missing[:4]} "
+                                      f"({len(missing)} tensors missing). Use the file torchvision names vgg16-397923af.pth.")
+    mapped = {f'{name}.{p}': sd[f'features.{n}.{p}'] for n, name in convs.items() for p in ('weight', 'bias')}
+    check_state_dict(net, mapped, source)  # shapes, floating dtype, finite as float32: a CheckpointError naming the file
+    net.load_state_dict(mapped, strict=True)
     return len(convs)
 
 # %% ../nbs/03_losses.ipynb #8e1a1b9c
@@ -51,7 +54,10 @@ def lpips_vgg(random_backbone:bool=False # True: random VGG16 features, only for
     heads = Path(lpips.__file__).parent/'weights'/'v0.1'/'vgg.pth'
     sd = load_state_dict_file(heads)
     want = [k for k in m.state_dict() if k.startswith('lin') and not k.startswith('lins.')]  # `lins.K` aliases `linK`
-    if sorted(sd) != sorted(want): raise RuntimeError(f"{heads} holds {sorted(sd)}, not lpips' VGG heads {sorted(want)}; reinstall lpips.")
+    if sorted(sd) != sorted(want): raise CheckpointError(f"{heads} holds {brief(sorted(sd))}, not lpips' VGG heads {sorted(want)}; reinstall lpips.")
+    expected = m.state_dict()
+    bad = [k for k in want if sd[k].shape != expected[k].shape or not sd[k].is_floating_point() or not torch.isfinite(sd[k].float()).all()]
+    if bad: raise CheckpointError(f"{heads}: heads {bad} are not finite float tensors of lpips' shapes; reinstall lpips.")
     m.load_state_dict(sd, strict=False)  # the heads only: the backbone and the input scaling are not in this file
     if path is not None:
         n = _vgg16_into_lpips(m.net, load_state_dict_file(path), str(path))

@@ -21,13 +21,14 @@ __all__ = ['INCEPTION_FILE', 'INCEPTION_SHA256_PREFIX', 'METRICS', 'psnr', 'gaus
            'evaluate', 'summarize']
 
 # %% ../nbs/05_metrics.ipynb #5fc95fa1
-import hashlib
+import hashlib, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import find_weights
 from .data import to_uint8, item_generator
-from .checkpoints import load_state_dict_file
+from .checkpoints import load_state_dict_file, check_state_dict
+from .torchfile import CheckpointError
 from .vq import VQModel, CodebookUsage, VQ_PRESETS
 
 # %% ../nbs/05_metrics.ipynb #e5046296
@@ -116,6 +117,19 @@ class _Uint8Images(torch.utils.data.Dataset):
     def __len__(self): return len(self.x)
     def __getitem__(self, i): return self.x[i]
 
+def _inception_state_dict(path:Path)->dict:
+    "The FID Inception weights in `path`, read by klvae (nothing runs) and checked against torch-fidelity's network on `meta`"
+    from unittest import mock
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    sd = load_state_dict_file(path)
+    with torch.device('meta'), mock.patch.object(fe, 'load_state_dict_from_url', lambda *a, **k: {}), \
+         mock.patch.object(fe.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None):
+        net = fe.FeatureExtractorInceptionV3('inception-v3-compat', ['2048'])  # names, shapes, dtypes; no memory
+    try: check_state_dict(net, sd, str(path))
+    except CheckpointError as e: raise CheckpointError(f"{path} is not torch-fidelity's FID Inception state dict ({INCEPTION_FILE}): {e}") from None
+    expected = net.state_dict()
+    return {k: sd[k].to(v.dtype).contiguous() for k, v in expected.items()}
+
 def rfid(reference:torch.Tensor,        # reference crops, uint8 (N, 3, H, W) or float in [-1, 1]
          reconstruction:torch.Tensor,   # their reconstructions, same shape and convention
          weights:str|Path|None=None,    # FID Inception file; default: `inception_weights_file()`
@@ -124,13 +138,14 @@ def rfid(reference:torch.Tensor,        # reference crops, uint8 (N, 3, H, W) or
     import torch_fidelity
     a, b = (t.cpu() for t in _uint8_pair(reference, reconstruction))
     if len(a) < 2: raise ValueError(f"rFID needs at least 2 images (a covariance); got {len(a)}.")
-    path = Path(weights) if weights is not None else inception_weights_file()
-    sd = load_state_dict_file(path)   # nothing in it runs, every value a tensor: checked before torch-fidelity's unsafe load
-    if not isinstance(sd, dict) or 'Mixed_7c.branch_pool.conv.weight' not in sd:
-        raise ValueError(f"{path} is not torch-fidelity's FID Inception state dict ({INCEPTION_FILE}).")
-    out = torch_fidelity.calculate_metrics(input1=_Uint8Images(a), input2=_Uint8Images(b), fid=True, verbose=False,
-                                           cuda=torch.cuda.is_available(), batch_size=batch_size, cache=False,
-                                           save_cpu_ram=True, feature_extractor_weights_path=str(path))
+    sd = _inception_state_dict(Path(weights) if weights is not None else inception_weights_file())
+    with tempfile.TemporaryDirectory(prefix='klvae-inception-') as d:
+        # torch-fidelity unpickles its weights file with torch.load(weights_only=False): it gets only one that klvae
+        # wrote itself from the checked tensors, never the caller's file
+        torch.save(sd, Path(d)/'inception.pth')
+        out = torch_fidelity.calculate_metrics(input1=_Uint8Images(a), input2=_Uint8Images(b), fid=True, verbose=False,
+                                               cuda=torch.cuda.is_available(), batch_size=batch_size, cache=False,
+                                               save_cpu_ram=True, feature_extractor_weights_path=str(Path(d)/'inception.pth'))
     return float(out['frechet_inception_distance'])
 
 # %% ../nbs/05_metrics.ipynb #70572c2d
