@@ -20,8 +20,8 @@ Docs: https://github.com/klvae/klvae/train.html.md"""
 # %% auto #0
 __all__ = ['EMBEDDED', 'CKPT_FILES', 'TrainConfig', 'parse_value', 'train_config', 'lr_factor', 'rank_batches', 'heldout_crops',
            'make_dataset', 'SyncBatchNorm2d', 'EMA', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint',
-           'read_log', 'validate', 'build_model', 'forced_cpu_bf16', 'cpu_bf16_supported', 'resolve_precision',
-           'scale_steps', 'step_seconds', 'effective_config', 'train', 'cli_parser', 'main']
+           'check_training_state', 'read_log', 'validate', 'build_model', 'forced_cpu_bf16', 'cpu_bf16_supported',
+           'resolve_precision', 'scale_steps', 'step_seconds', 'effective_config', 'train', 'cli_parser', 'main']
 
 # %% ../nbs/06_train.ipynb #65e823eb
 import argparse, contextlib, importlib, inspect, json, math, os, re, shutil, sys, time, warnings
@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from .config import get_settings, find_weights, cpu_name
 from .model import AutoencoderKL, PRESETS
 from .vq import VQModel, VQ_PRESETS
-from .checkpoints import check_state_dict
-from .torchfile import read_torch_file
+from .checkpoints import check_state_dict, load_state_dict_file
+from .torchfile import read_torch_file, CheckpointError, brief
 from .losses import RECIPES, D_LOSSES, NLayerDiscriminator, VAELoss, lpips_vgg, trains, regulariser
 from .data import EmbeddedPhotos, ImageFolder, VAL_PHOTOS, image_grid, item_generator, to_uint8
 from .metrics import psnr, ssim
@@ -301,10 +301,50 @@ def find_checkpoint(resume:str,   # 'latest' or a checkpoint folder
 
 def load_checkpoint(path:Path)->tuple[dict, dict]:
     "The weights (name -> state dict) and the training state of a checkpoint folder, read without unpickling objects"
-    nets = {p.stem: load_file(p) for p in sorted(Path(path).glob('*.safetensors'))}
+    nets = {p.stem: load_state_dict_file(p) for p in sorted(Path(path).glob('*.safetensors'))}
     try: state = read_torch_file(Path(path)/'training_state.pt', plain=True)
-    except Exception as e: raise ValueError(f"{path}/training_state.pt is not a klvae training state (tensors and plain values): {e}") from e
+    except Exception as e: raise CheckpointError(f"{path}/training_state.pt is not a klvae training state (tensors and plain values): {e}") from e
     return nets, state
+
+def _same_kind(saved, fresh)->bool:
+    "Whether a saved value has the type of the value a fresh optimizer or scheduler holds (an int may stand for a float)"
+    if isinstance(fresh, bool) or fresh is None: return type(saved) is type(fresh)
+    if isinstance(fresh, (int, float)): return type(saved) in (int, float) and math.isfinite(saved)
+    if isinstance(fresh, (list, tuple)):
+        return type(saved) is type(fresh) and len(saved) == len(fresh) and all(_same_kind(s, f) for s, f in zip(saved, fresh))
+    return type(saved) is type(fresh)
+
+def check_training_state(state, optimizers:list, schedulers:list, source:str):
+    "Raise a `CheckpointError` naming `source` unless `state` is what `_save` writes for these optimizers and schedulers"
+    def fail(what): raise CheckpointError(f"{source} is not a training state of this run: {what}")
+    if not isinstance(state, dict): fail(f"it holds {brief(state)}, not a dict")
+    want = {'step', 'counters', 'optimizers', 'schedulers', 'scaler'}
+    if set(state) != want: fail(f"its keys are {brief(sorted(map(str, state)))}, expected {sorted(want)}")
+    if type(state['step']) is not int or state['step'] < 0: fail(f"step {brief(state['step'])} is not a step number")
+    if not (isinstance(state['counters'], dict) and all(type(k) is str and type(v) is int for k, v in state['counters'].items())
+            and 'nonfinite' in state['counters']): fail(f"counters {brief(state['counters'])}")
+    if not (isinstance(state['optimizers'], list) and len(state['optimizers']) == len(optimizers)): fail("the optimizer states do not match the two networks")
+    if not (isinstance(state['schedulers'], list) and len(state['schedulers']) == len(schedulers)): fail("the scheduler states do not match the two networks")
+    for i, (saved, sched) in enumerate(zip(state['schedulers'], schedulers)):
+        fresh = sched.state_dict()   # LambdaLR.load_state_dict copies every key into the scheduler: only its own keys, its own types
+        if not (isinstance(saved, dict) and set(saved) == set(fresh) and all(_same_kind(saved[k], fresh[k]) for k in fresh)):
+            fail(f"scheduler {i} holds {brief(saved)}, not a LambdaLR state like {brief(fresh)}")
+    for i, (saved, opt) in enumerate(zip(state['optimizers'], optimizers)):
+        fresh = opt.state_dict()
+        if not (isinstance(saved, dict) and set(saved) == {'state', 'param_groups'} and isinstance(saved['param_groups'], list)
+                and len(saved['param_groups']) == len(fresh['param_groups'])): fail(f"optimizer {i} holds {brief(saved)}")
+        for g, f in zip(saved['param_groups'], fresh['param_groups']):
+            if not (isinstance(g, dict) and set(g) == set(f) and all(_same_kind(g[k], f[k]) for k in f if k != 'params')
+                    and g['params'] == f['params']): fail(f"optimizer {i} has a parameter group {brief(g)}, expected one like {brief(f)}")
+        params = [p for group in opt.param_groups for p in group['params']]
+        for k, s in (saved['state'].items() if isinstance(saved['state'], dict) else [(None, None)]):
+            if not (type(k) is int and 0 <= k < len(params) and isinstance(s, dict) and set(s) == {'step', 'exp_avg', 'exp_avg_sq'}
+                    and all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in s.values()) and s['step'].numel() == 1
+                    and s['exp_avg'].shape == s['exp_avg_sq'].shape == params[k].shape):
+                fail(f"optimizer {i} has the entry {brief(k)}: {brief(s)}, not Adam's state of parameter {brief(k)}")
+    if state['scaler'] is not None and not (isinstance(state['scaler'], dict) and all(type(k) is str and type(v) in (int, float, bool)
+                                                                                   for k, v in state['scaler'].items())):
+        fail(f"scaler {brief(state['scaler'])}")
 
 # %% ../nbs/06_train.ipynb #7acc2207
 def read_log(run_dir:str|Path)->pd.DataFrame:
@@ -391,15 +431,16 @@ def _step_cache()->Path: return get_settings().runs_path/'step_seconds.json'
 def step_seconds(cfg:TrainConfig,  # the run: model, width, batch, crop, LPIPS, gradient checkpointing
                  precision:str,    # 'no' (fp32) or 'bf16' autocast
                  repeats:int=5,    # timed steps after two warm-up steps
+                 cache:bool=True,  # read and write `<runs_path>/step_seconds.json`; False: always measure (benchmarks)
                 )->tuple[float, bool]:
     "Median seconds of one VAE optimizer step of `cfg` on this CPU under `precision`, and whether it came from the cache"
     key = (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {cfg.model} width {cfg.width} | "
            f"batch {cfg.batch_size}x{cfg.grad_accum} at {cfg.resolution}² | LPIPS {cfg.perceptual} | checkpointing "
            f"{cfg.gradient_checkpointing} | {precision}")
-    f = _step_cache()
-    try: cache = json.loads(f.read_text()) if f.is_file() else {}
+    f, known = _step_cache(), {}
+    try: known = json.loads(f.read_text()) if cache and f.is_file() else {}
     except ValueError as e: raise ValueError(f"{f} is not valid JSON ({e}): delete it, and the step times are measured again") from e
-    if key in cache: return cache[key], True
+    if key in known: return known[key], True
     with torch.random.fork_rng(devices=[]):   # the probe leaves the run's random state as it found it
         torch.manual_seed(0)
         vae = build_model(cfg.model, cfg.width).enable_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -416,10 +457,11 @@ def step_seconds(cfg:TrainConfig,  # the run: model, width, batch, crop, LPIPS, 
                 loss.backward()
             opt.step(); opt.zero_grad(set_to_none=True)
             if i >= 2: times.append(time.perf_counter() - t0)
-    cache[key] = sorted(times)[len(times)//2]
-    f.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(f, json.dumps(cache, indent=1))
-    return cache[key], False
+    known[key] = sorted(times)[len(times)//2]
+    if cache:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(f, json.dumps(known, indent=1))
+    return known[key], False
 
 def effective_config(cfg:TrainConfig)->tuple[TrainConfig, dict]:
     "The config a run trains on this machine (precision resolved, steps fitted to `time_budget_min`) and what was decided, why"
@@ -524,6 +566,9 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     if cfg.resume:   # everything loads into the bare modules and optimizers; prepare() then places it
         ckpt = find_checkpoint(cfg.resume, run)
         nets, state = load_checkpoint(ckpt)
+        check_training_state(state, opts, scheds, f"{ckpt}/training_state.pt")
+        missing = [n for n in ('vae', 'discriminator') if n not in nets]
+        if missing: raise CheckpointError(f"{ckpt} has no {missing[0]}.safetensors: not a complete klvae checkpoint")
         for name, m in (('vae', vae), ('discriminator', disc)):
             check_state_dict(m, nets[name], f"{ckpt}/{name}.safetensors")
             m.load_state_dict(nets[name])

@@ -147,8 +147,14 @@ def test_two_processes_match_one_with_discriminator(tmp_path):
     one, two = ([r for r in log_rows(tmp_path/d) if 'trains' in r] for d in ('one', 'two'))
     assert [r['trains'] for r in two] == ['vae+disc']*4
     for a, b in zip(one, two):
-        tol = 1e-5 if a['step'] == 1 else 2e-2
-        for k in ('train/rec_loss', 'train/disc_weight', 'train/d_loss', 'train/logits_real', 'train/d_logits_fake', 'train/g_logits_fake', 'train/grad_norm_disc'):
+        # step 1 is the same computation summed in another order: every term to float32 rounding, except the adaptive weight,
+        # a ratio of gradient norms whose denominator is ~1/100 of its numerator (2e-4 relative on a Sapphire Rapids with
+        # AVX-512). Later steps amplify that rounding through the GAN terms (fake logits 13% apart by step 4 there), so from
+        # step 2 only the terms that stay smooth are compared: the reconstruction loss and the logits of real images.
+        keys = ('train/rec_loss', 'train/disc_weight', 'train/d_loss', 'train/logits_real', 'train/d_logits_fake', 'train/g_logits_fake',
+                'train/grad_norm_disc') if a['step'] == 1 else ('train/rec_loss', 'train/logits_real')
+        for k in keys:
+            tol = (1e-3 if k == 'train/disc_weight' else 1e-5) if a['step'] == 1 else 2e-2
             assert abs(a[k] - b[k]) <= tol*abs(a[k]) + 1e-5, (k, a, b)
     # no comparison of the final weights: with the GAN on from step 0 the adaptive weight is ~100 and the VAE's gradient
     # norm ~2e4, so float32 rounding grows to visible differences within four steps (the runs above compare them)
