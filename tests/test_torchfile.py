@@ -280,7 +280,7 @@ def test_hostile_file_is_refused(name, tmp_path, tiny, capfd):
 def test_refusals_say_what_the_file_is(tmp_path):
     expect = {'torchscript': 'TorchScript archive', 'tar_hardlink': 'tar archive', 'build_on_rebuilder': 'BUILD',
               'patch_file_writer': 'BUILD', 'module_record': 'pickled nn.Module', 'stride0_model': 'beyond its storage',
-              'shared_view_model': 'declares a model of', 'huge_config_json': 'no autoencoder klvae builds',
+              'shared_view_model': 'declares a model of', 'huge_config_json': 'wrong type or range',
               'deflate_bomb': 'compressed', 'many_globals': f'more than {MAX_GLOBALS}', 'missing_storage': 'has no data/0',
               'short_storage': 'declares 4000 bytes', 'reduce_os_system': 'not a state dict', 'ext_code': 'extension codes',
               'big_endian': 'big-endian', 'duplicate_members': 'duplicate', 'plain_pickle': 'plain pickle',
@@ -399,3 +399,251 @@ def test_full_sd_checkpoint_reads_only_the_autoencoder(tiny, tmp_path, monkeypat
     for load in (read_torch_file, AutoencoderKL.from_pretrained):
         with pytest.raises(CheckpointError, match='declares 46080 bytes'): load(tmp_path/'cut.ckpt')
     assert refs['global_step'] == 470000
+
+
+# ---------------------------------------------------------------- issue 21: resources, plain results, every loader
+def raw_zip(path, members, aliases=(), count=None):
+    "A stored zip written byte by byte: `members` are (name, data); each alias (name, target) is a directory entry pointing at target's bytes"
+    out, at, cd = bytearray(), {}, bytearray()
+    for name, data in members:
+        n, crc = name.encode(), zlib.crc32(data)
+        at[name] = (len(out), len(data), crc)
+        out += struct.pack('<4s5H3L2H', b'PK\x03\x04', 20, 0, 0, 0, 0, crc, len(data), len(data), len(n), 0) + n + data
+    for name, (off, size, crc) in [(m, at[m]) for m, _ in members] + [(a, at[t]) for a, t in aliases]:
+        n = name.encode()
+        cd += struct.pack('<4s6H3L5H2L', b'PK\x01\x02', 20, 20, 0, 0, 0, 0, crc, size, size, len(n), 0, 0, 0, 0, 0, off) + n
+    entries = len(members) + len(aliases)
+    n = entries & 0xFFFF if count is None else count
+    Path(path).write_bytes(bytes(out + cd + struct.pack('<4s4H2LH', b'PK\x05\x06', 0, 0, n, n, len(cd), len(out), 0)))
+    return path
+
+def zip_bytearray8(tmp):
+    "A 200-byte zip whose data.pkl is one BYTEARRAY8 declaring 2.5 GB"
+    return torch_zip(tmp/'bytearray8.ckpt', b'\x80\x04\x96' + struct.pack('<Q', 5 << 29) + b'.')
+
+def broadcast_views(tmp, op=b'\x90'):
+    "Two views (N,1) and (1,N) of one 100 KB storage, the second added to the first by ADDITEMS (or APPENDS, SETITEMS): N×N"
+    n = 25_000
+    col, row = tensor('0', n, (n, 1), (1, 1)), tensor('0', n, (1, n), (1, 1))
+    items = inner(row) if op != b'u' else inner('k') + inner(row)
+    pkl = b'\x80\x02}' + inner('state_dict') + b'}' + inner('encoder.conv_in.weight') + inner(col) + b'(' + items + op + b'ss.'
+    return torch_zip(tmp/f'broadcast-{op.hex()}.ckpt', pkl, {'0': bytes(4 * n)})
+
+def overlapping_members(tmp):
+    "One 4 MB storage member and 99 directory entries pointing at its bytes: 400 MB declared in a 4 MB file"
+    sd = {f'w{i}': tensor(str(i), 1 << 20, (1 << 20,), (1,)) for i in range(100)}
+    return raw_zip(tmp/'overlap.ckpt', [('archive/data.pkl', dumps({'state_dict': sd})), ('archive/data/0', bytes(4 << 20)),
+                                        ('archive/version', b'3\n')], aliases=[(f'archive/data/{i}', 'archive/data/0') for i in range(1, 100)])
+
+def many_entries(tmp):
+    "200,000 empty members whose end record counts 3 (zipfile ignores the count; the directory is what it parses)"
+    return raw_zip(tmp/'entries.ckpt', [('archive/data.pkl', dumps({}))] + [(f'archive/data/{i}', b'') for i in range(200_000)], count=3)
+
+def huge_central_directory(tmp):
+    "An end record declaring a 200 MB central directory, in a sparse file"
+    path = tmp/'bigcd.ckpt'
+    with open(path, 'wb') as f:
+        f.write(b'PK\x03\x04' + bytes(26)); f.seek(200 << 20)
+        f.write(struct.pack('<4s4H2LH', b'PK\x05\x06', 0, 0, 1, 1, (200 << 20) - 30, 30, 0))
+    return path
+
+def million_views(tmp):
+    "A million views of one storage, 20 bytes each (the rebuilder, the storage record and the hooks memoised)"
+    head = (b'\x80\x02ctorch._utils\n_rebuild_tensor_v2\nq\x000(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000'
+            b'X\x03\x00\x00\x00cpuK\x01tq\x010ccollections\nOrderedDict\n)Rq\x020]')
+    view = b'h\x00(h\x01QK\x00K\x01\x85K\x01\x85\x89h\x02tRa'
+    return torch_zip(tmp/'views.ckpt', head + view * 1_000_000 + b'.', {'0': bytes(4)})
+
+def safetensors_big_header(tmp):
+    "A safetensors header declared 94 MB long (a sparse file): the issue's 1.4M zero-size tensors"
+    path = tmp/'header.safetensors'
+    with open(path, 'wb') as f: f.write(struct.pack('<Q', 94 << 20) + b'{'); f.seek((94 << 20) + 8); f.write(b'}')
+    return path
+
+def safetensors_many(tmp):
+    "60,000 zero-size tensors in a 4 MB header"
+    h = json.dumps({f't{i}': {'dtype': 'F32', 'shape': [0], 'data_offsets': [0, 0]} for i in range(60_000)}).encode()
+    (tmp/'many.safetensors').write_bytes(struct.pack('<Q', len(h)) + h)
+    return tmp/'many.safetensors'
+
+def diffusers_folder(tmp, name, config, weights=None):
+    d = tmp/name; d.mkdir()
+    save_file(weights or {'encoder.conv_in.weight': torch.zeros(1)}, d/'diffusion_pytorch_model.safetensors')
+    (d/'config.json').write_text(config if isinstance(config, str) else json.dumps(config))
+    return d
+
+def tuple_dag(tmp, depth=60):
+    "A legacy file of a few hundred bytes: a tuple holding its child twice, 60 deep, as a weight (2^60 without a memo)"
+    dag = b'K\x07' + b'q\x00h\x00\x86' * depth
+    return legacy(tmp/'dag.pt', raw(b'}' + inner('state_dict') + b'}' + inner('encoder.conv_in.weight') + dag + b'ss'))
+
+def long_line(tmp):
+    "A legacy file whose first pickle is one 16 MB protocol-0 line"
+    (tmp/'line.pt').write_bytes(b'\x80\x02L' + b'1' * (16 << 20) + b'\n.')
+    return tmp/'line.pt'
+
+def bare_global(tmp):
+    "A training state whose scheduler field is a bare GLOBAL collections.OrderedDict (left on the stack as a value)"
+    return torch_zip(tmp/'training_state.pt', b'\x80\x02}' + inner('schedulers') + b']}' + inner('step') +
+                     GLOBAL('collections', 'OrderedDict') + b'sas.')
+
+def weights_as(tmp, name, dtype, value):
+    "The tiny model's weights in `dtype`, one of them `value`"
+    torch.manual_seed(0)
+    sd = {k: v.to(dtype).contiguous() for k, v in AutoencoderKL(PRESETS['tiny']).state_dict().items()}
+    sd['encoder.conv_in.bias'][0] = value
+    save_file(sd, tmp/name)
+    return tmp/name
+
+def flood(tmp, name, op, n):
+    "A pickle of `n` copies of one small opcode inside a list: the opcode budget ends it"
+    head = b'\x80\x04(' if op != b'h\x00)\x81' else b'\x80\x04' + GLOBAL('m', 'C') + b'q\x00(' 
+    return torch_zip(tmp/f'{name}.ckpt', head + op * n + b'l.')
+
+F8 = torch.float8_e4m3fn
+ISSUE21 = {  # name: (builder, {loader: 'refused' | 'loads'})
+    'bytearray8': (zip_bytearray8, dict(read='refused', sd='refused', kl='refused', any='refused')),
+    'additems_broadcast': (broadcast_views, dict(read='refused', sd='refused', kl='refused')),
+    'appends_broadcast': (lambda t: broadcast_views(t, b'e'), dict(read='refused', sd='refused')),
+    'setitems_broadcast': (lambda t: broadcast_views(t, b'u'), dict(read='refused', sd='refused')),
+    'overlapping_members': (overlapping_members, dict(read='refused', sd='refused', kl='refused')),
+    'many_entries': (many_entries, dict(read='refused', sd='refused', kl='refused', any='refused')),
+    'huge_central_directory': (huge_central_directory, dict(read='refused', sd='refused')),
+    'million_views': (million_views, dict(read='refused', sd='refused', kl='refused')),
+    'safetensors_big_header': (safetensors_big_header, dict(sd='refused', kl='refused', vq='refused', any='refused')),
+    'safetensors_many': (safetensors_many, dict(sd='refused', kl='refused')),
+    'config_format_bomb': (lambda t: diffusers_folder(t, 'fmt', '{"block_out_channels": [1, "%2000000000d"]}'),
+                           dict(kl='refused', any='refused')),
+    'vq_config_format_bomb': (lambda t: diffusers_folder(t, 'vqfmt', {'_class_name': 'VQModel', 'block_out_channels': [1, '%2000000000d']}),
+                              dict(vq='refused', any='refused')),
+    'tuple_dag': (tuple_dag, dict(read='loads', plain='loads', sd='refused', kl='refused')),
+    'long_line': (long_line, dict(read='refused', sd='refused', kl='refused')),
+    'float8_nan': (lambda t: weights_as(t, 'f8.safetensors', F8, float('nan')), dict(kl='refused', any='refused')),
+    'float8_finite': (lambda t: weights_as(t, 'f8ok.safetensors', F8, 0.5), dict(kl='loads')),
+    'block_out_channels_16': (lambda t: diffusers_folder(t, 'narrow', {'block_out_channels': [16]},
+                                                         {'encoder.conv_in.weight': torch.zeros(16, 3, 3, 3)}), dict(kl='refused', any='refused')),
+    'float64_1e300': (lambda t: weights_as(t, 'f64.safetensors', torch.float64, 1e300), dict(kl='refused')),
+    'bare_global_value': (bare_global, dict(read='refused', plain='refused')),
+    'scaling_factor_text': (lambda t: diffusers_folder(t, 'scale', {'scaling_factor': '0.18215'}), dict(kl='refused', any='refused')),
+    'scaling_factor_nan': (lambda t: diffusers_folder(t, 'nan', '{"scaling_factor": NaN}'), dict(kl='refused')),
+    # beyond the findings: floods of the opcodes that allocate the most per byte
+    'empty_dict_flood': (lambda t: flood(t, 'dicts', b'}', 3_000_000), dict(read='refused')),
+    'empty_set_flood': (lambda t: flood(t, 'sets', b'\x8f', 3_000_000), dict(read='refused')),
+    'stub_flood': (lambda t: flood(t, 'stubs', b'h\x00)\x81', 1_000_000), dict(read='refused')),
+}
+
+MEASURE = """
+import json, os, re, signal, sys, time, traceback
+from pathlib import Path
+from klvae.torchfile import read_torch_file, CheckpointError
+from klvae.checkpoints import load_state_dict_file
+from klvae.model import AutoencoderKL
+from klvae.vq import VQModel, load_autoencoder
+LOADERS = dict(read=read_torch_file, plain=lambda p: read_torch_file(p, plain=True), sd=load_state_dict_file,
+               kl=AutoencoderKL.from_pretrained, vq=VQModel.from_pretrained, any=load_autoencoder)
+def kb(k): return int(re.search(k + r':\\s+(\\d+)', Path('/proc/self/status').read_text())[1])
+def timeout(*_): raise TimeoutError('over 60 s')
+signal.signal(signal.SIGALRM, timeout)
+for line in sys.stdin:  # each load in a fresh fork of this warm process: no heap left over from the one before
+    name, path, loader = json.loads(line)
+    if os.fork():
+        os.wait(); continue
+    Path('/proc/self/clear_refs').write_text('5')  # reset the peak to the current RSS
+    base, t = kb('VmRSS'), time.perf_counter()
+    signal.alarm(60)
+    try: LOADERS[loader](Path(path)); outcome, msg = 'loads', ''
+    except CheckpointError as e: outcome, msg = 'refused', str(e)
+    except BaseException as e: outcome, msg = type(e).__name__, ''.join(traceback.format_exception_only(e))[-500:]
+    signal.alarm(0)
+    print(json.dumps(dict(name=name, loader=loader, outcome=outcome, msg=msg[:2000], s=time.perf_counter() - t,
+                          mb=(kb('VmHWM') - base) / 1024)), flush=True)
+    os._exit(0)
+"""
+
+def test_issue21_files_are_refused_within_10s_and_400MB(tmp_path, capfd):
+    "Every hostile file of issue 21, against every loader it targets, measured in one subprocess: outcome, seconds, peak RSS growth"
+    paths = {}
+    for name, (build, _) in ISSUE21.items():
+        d = tmp_path/name; d.mkdir(); paths[name] = build(d)
+    before = snapshot(tmp_path)
+    jobs = ''.join(json.dumps([n, str(paths[n]), l]) + '\n' for n, (_, loaders) in ISSUE21.items() for l in loaders)
+    r = subprocess.run([sys.executable, '-W', 'ignore', '-c', MEASURE], input=jobs, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')]
+    print('\n'.join(f"{x['name']:24} {x['loader']:6} {x['outcome']:8} {x['s']:6.2f} s {x['mb']:7.1f} MB" for x in rows))
+    assert len(rows) == jobs.count('\n')
+    wrong = [(x['name'], x['loader'], x['outcome'], x['msg'][:300]) for x in rows if x['outcome'] != ISSUE21[x['name']][1][x['loader']]]
+    assert not wrong, wrong
+    unnamed = [(x['name'], x['loader'], x['msg'][:200]) for x in rows if x['outcome'] == 'refused' and paths[x['name']].name not in x['msg']]
+    assert not unnamed, unnamed
+    assert all(len(x['msg']) < 2000 for x in rows)
+    slow = {(x['name'], x['loader']): round(x['s'], 1) for x in rows if x['s'] > 10}
+    assert not slow, slow
+    big = {(x['name'], x['loader']): round(x['mb']) for x in rows if x['mb'] > 400}
+    assert not big, big
+    assert snapshot(tmp_path) == before, "a load created or changed a file"
+
+
+def test_rfid_never_hands_the_callers_file_to_torch_fidelity(tmp_path, monkeypatch):
+    "Finding 1: a torch.save zip of the right Inception tensors plus a REDUCE os.system entry. torch-fidelity's loader is"
+    "torch.load(weights_only=False): it is given only a file klvae wrote, so the payload never runs (and is live under torch.load)"
+    import torch_fidelity
+    from klvae.metrics import rfid, write_random_inception
+    marker = tmp_path/'payload-ran'
+    sd = load_state_dict_file(write_random_inception(tmp_path/'random.pth'))
+    torch.save({'state_dict': sd, 'callbacks': Call(os.system, f'touch {marker}')}, tmp_path/'evil.pth')
+    legacy_evil = tmp_path/'evil-legacy.pth'
+    torch.save({'state_dict': sd, 'callbacks': Call(os.system, f'touch {marker}')}, legacy_evil, _use_new_zipfile_serialization=False)
+    given = []
+    def calculate_metrics(**kw):  # what torch-fidelity does with the path: torch.load(weights_only=False)
+        p = kw['feature_extractor_weights_path']; given.append(p)
+        loaded = torch.load(p, weights_only=False)
+        assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k].float()) or loaded[k].dtype != torch.float32 for k in sd)
+        return {'frechet_inception_distance': 0.0}
+    monkeypatch.setattr(torch_fidelity, 'calculate_metrics', calculate_metrics)
+    x = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    for f in (tmp_path/'evil.pth', legacy_evil):
+        assert rfid(x, x, f) == 0.0
+    assert not marker.exists(), "the payload ran"
+    assert all(str(tmp_path) not in p and not Path(p).exists() for p in given), given   # klvae's own file, removed afterwards
+    torch.load(tmp_path/'evil.pth', weights_only=False)   # the same file is live under torch's loader
+    assert marker.exists()
+    marker.unlink()
+    bad = dict(sd); bad['Mixed_7c.branch_pool.conv.weight'] = torch.full_like(bad['Mixed_7c.branch_pool.conv.weight'], float('nan'))
+    save_file({k: v.contiguous() for k, v in bad.items()}, tmp_path/'nan.safetensors')
+    with pytest.raises(CheckpointError, match=r'(?s)nan\.safetensors.*NaN or inf'): rfid(x, x, tmp_path/'nan.safetensors')
+    assert len(given) == 2
+
+
+def test_plain_means_plain_and_real_training_states_read(tmp_path):
+    "plain=True returns only None, bool, int, float, str, bytes, tensors and list/tuple/dict/OrderedDict; a real state reads bitwise"
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), betas=(0.5, 0.9))
+    net(torch.randn(4, 3)).sum().backward(); opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = dict(step=3, counters={'seen': 12}, optimizers=[opt.state_dict()], schedulers=[sched.state_dict()], scaler=None,
+                 rng=torch.get_rng_state(), shared=[(1, 2)] * 2)
+    torch.save(state, tmp_path/'training_state.pt')
+    back = read_torch_file(tmp_path/'training_state.pt', plain=True)
+    assert back['optimizers'][0]['param_groups'] == state['optimizers'][0]['param_groups']
+    assert torch.equal(back['optimizers'][0]['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
+    assert back['schedulers'] == state['schedulers'] and torch.equal(back['rng'], state['rng'])
+    def kinds(x, seen=set()):
+        if id(x) in seen: return set()
+        seen.add(id(x))
+        if isinstance(x, dict): return {type(x)} | set().union(*(kinds(k) | kinds(v) for k, v in x.items()))
+        if isinstance(x, (list, tuple)): return {type(x)} | set().union(*map(kinds, x))
+        return {type(x)}
+    assert kinds(back) <= {type(None), bool, int, float, str, bytes, torch.Tensor, list, tuple, dict, OrderedDict}
+    for body, words in [(GLOBAL('collections', 'OrderedDict'), 'plain=True'), (b'\x8f', 'plain=True'),
+                        (b'\x96' + struct.pack('<Q', 1) + b'x', 'plain=True')]:
+        with pytest.raises(CheckpointError, match=words): read_torch_file(torch_zip(tmp_path/'p.pt', raw(body)), plain=True)
+
+
+def test_cyclic_and_shared_legacy_objects_read(tmp_path):
+    "The memoised walk: a list holding itself and a tensor shared twice come back with the same structure"
+    w = torch.randn(3)
+    cyc = [w]; cyc.append(cyc)
+    torch.save({'cyc': cyc, 'pair': (w, w)}, tmp_path/'cyc.pt', _use_new_zipfile_serialization=False)
+    back = read_torch_file(tmp_path/'cyc.pt')
+    assert back['cyc'][1] is back['cyc'] and torch.equal(back['cyc'][0], w) and back['pair'][0] is back['pair'][1]
