@@ -35,7 +35,7 @@ from .train import TrainConfig, train, train_config, read_log, heldout_crops, bu
 # %% ../nbs/07_demo.ipynb #b2d4f6a8
 def heldout_sets(resolution:int, # the training crop size
                  zoom:float|None=None, # as the training crops
-                 data:str='photos',    # the run's data: 'photos' (24 held-out photos) or 'embedded' (2)
+                 data:str='embedded',  # the run's data: 'embedded' (2 held-out photos) or 'photos' (24)
                 )->dict:
     "The held-out evaluation sets: fixed crops at the training size, and 256x256 center crops of the held-out photos"
     if data not in EMBEDDED: raise ValueError(f"the demo measures the held-out photos of {list(EMBEDDED)}; got data={data!r}")

@@ -191,7 +191,7 @@ def render(path:Path,            # the notebook
 
 # %% ../nbs/13_reports.ipynb #b59e5bbc
 SCALE_DEMO = {'ci': dict(steps=6, batch_size=2, resolution=32, disc_start=3, warmup_steps=2, val_every=3, ckpt_every=3,
-                         num_workers=0, log_every=1, repeats=2)}   # the seconds-long demo of a `ci` build
+                         num_workers=0, log_every=1, repeats=2, data='embedded', val_data='embedded')}   # the seconds-long demo of a `ci` build
 
 def demo_entry(scale:str, out:Path)->dict|None:
     "The demo's page in `out` and its figures: trained now at `ci` scale, else the page `make demo` wrote (copied to `out`)"
@@ -222,7 +222,8 @@ def write_index(out:Path, entries:list, demo:dict|None, scale:str, commit:str)->
     parts.append('<h2>The main job: <code>make demo</code></h2>')
     if demo:
         rows = ''.join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in demo['figures'].items())
-        parts.append(f"<p><a href='demo.html'>The training report</a>: {html.escape(demo['summary'])}</p><table>{rows}</table>")
+        parts.append(f"<p><a href='demo.html'>The training report</a>: {html.escape(demo['summary'])}</p>"
+                     + (f"<p><b>{html.escape(demo['headline'])}</b></p>" if demo.get('headline') else '') + f"<table>{rows}</table>")
     else: parts.append('<p>No demo page: run <code>make demo</code>, then <code>make reports</code>.</p>')
     parts += ['<h2>Library notebooks</h2><ul>', *map(item, [e for e in entries if e['kind'] == 'library']), '</ul>']
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:1em auto;padding:0 1em;color:#222;line-height:1.4}"

@@ -133,7 +133,7 @@ def _measure(label, cfg, folder, metrics, size=0):
         return d, c['protocol'], c['extra']
     model, rows = load_model(folder), []
     extra = describe(model) | dict(parameters=sum(p.numel() for p in model.parameters()))
-    for set_name, ds in heldout_sets(size, cfg.zoom or None).items():
+    for set_name, ds in heldout_sets(size, cfg.zoom or None, cfg.val_data).items():
         df = evaluate(model, ds, metrics=metrics, progress=False)
         rows.append(df.assign(run=label, set=set_name, image=range(len(df))))
         for k, v in df.attrs.get('codebook', {}).items():

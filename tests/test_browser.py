@@ -8,6 +8,7 @@ import io, json, os, re, shutil, signal, socket, subprocess, sys, time, urllib.r
 from pathlib import Path
 import pytest
 
+pytestmark = pytest.mark.slow   # starts JupyterLab and Chromium: `make test-all` and CI run it, `make test` does not
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NOTEBOOK = ROOT/'nbs'/'12_latent_explorer.ipynb'

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, BIN
 
+pytestmark = pytest.mark.slow   # builds every page at ci scale (about 2 minutes): `make test-all` and CI run it, `make test` does not
+
 COMPANIONS = ('10_table8', '11_hinge_vs_vanilla', '12_latent_explorer')
 DIRECTIVE = re.compile(r'#\|\s*(export|exports|exporti|hide|default_exp|summary|eval|hide_line|filter_stream)\b')
 

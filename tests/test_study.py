@@ -17,6 +17,7 @@ def env_for(tmp):
     return {**os.environ, 'KLVAE_RUNS_PATH': str(tmp/'runs'), 'KLVAE_REPORTS_PATH': str(tmp/'reports'), 'OMP_NUM_THREADS': '1'}
 
 
+@pytest.mark.slow   # trains, is killed and resumes a study
 def test_killed_study_resumes_and_a_finished_one_trains_nothing(tmp_path):
     env = env_for(tmp_path)
     folder = tmp_path/'runs'/'studies'/'killed'/'ci'/'slow'

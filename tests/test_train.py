@@ -76,6 +76,7 @@ PROBE = textwrap.dedent('''
     json.dump(out, open(sys.argv[1] + f'/rank{acc.process_index}.json', 'w'))
 ''')
 
+@pytest.mark.slow   # several training processes
 def test_ddp_two_cpu_processes(tmp_path):
     "torchrun, 2 gloo processes: disjoint shards, identical all-reduced gradients, BatchNorm over the global batch"
     (tmp_path/'probe.py').write_text(PROBE)
@@ -118,6 +119,7 @@ def assert_same_steps(a_rows, b_rows):
         for k in ('train/rec_loss', 'train/kl_loss', 'train/grad_norm_vae'):
             assert abs(a[k] - b[k]) <= tol*abs(a[k]), (k, a, b)
 
+@pytest.mark.slow   # several training processes
 def test_two_processes_match_one(tmp_path):
     """The real loop: 2 processes x batch 1 train what 1 process x batch 2 trains (same global batch, posterior mean).
     Compared: each step's losses and all-reduced gradient norm, and the trained models' reconstructions. Not compared
@@ -135,6 +137,7 @@ def test_two_processes_match_one(tmp_path):
     d = (reconstruct(tmp_path/'one'/'vae') - reconstruct(tmp_path/'two'/'vae')).abs().max().item()
     assert d < 2e-3, d                                                                  # images in [-1, 1]: < 1/4 of an 8-bit level
 
+@pytest.mark.slow   # several training processes
 def test_two_processes_match_one_with_discriminator(tmp_path):
     """The same with the discriminator on from step 0 (ldm recipe: both networks every step): SyncBatchNorm2d and the
     adaptive weight of the global batch make step 1 agree to float32 rounding (with each rank's own gradients the
@@ -168,6 +171,7 @@ def test_gradient_accumulation_matches_batch(tmp_path):
     d = (reconstruct(tmp_path/'b2'/'vae') - reconstruct(tmp_path/'acc'/'vae')).abs().max().item()
     assert d < 2e-3, d
 
+@pytest.mark.slow   # several training processes
 @pytest.mark.parametrize('preset', ['ci', 'ci-vq'])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, preset):
     "Kill a run with SIGKILL after a checkpoint; resuming gives the VAE, discriminator and EMA of an uninterrupted run (KL and VQ)"
@@ -241,6 +245,7 @@ def test_bf16_autocast_keeps_fp32_weights_and_tensorboard(tmp_path):
     ev = EventAccumulator(str(tmp_path/'bf16'/'tb')).Reload()
     assert [e.step for e in ev.Scalars('train/rec_loss')] == [1, 2, 3, 5] and len(ev.Scalars('val/psnr')) == 3
 
+@pytest.mark.slow   # several training processes
 def test_notebook_launcher_two_processes(tmp_path):
     script = textwrap.dedent(f'''
         from accelerate import notebook_launcher
@@ -252,6 +257,7 @@ def test_notebook_launcher_two_processes(tmp_path):
     assert info['processes'] == 2 and (tmp_path/'nl'/'vae'/'config.json').is_file()
     assert [r['step'] for r in log_rows(tmp_path/'nl') if 'trains' in r] == [1, 2, 3, 4, 5, 6]
 
+@pytest.mark.slow   # several training processes
 def test_accelerate_launch_runs_the_module(tmp_path):
     "`accelerate launch -m klvae.train` (the README's launcher for GPUs and nodes) runs the CLI; on CPU one process"
     run([str(BIN/'accelerate'), 'launch', '--cpu', '--num_processes', '1', '--num_machines', '1', '--mixed_precision', 'no',
