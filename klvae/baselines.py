@@ -65,8 +65,9 @@ def paired_difference(a:pd.DataFrame, b:pd.DataFrame, metric:str='psnr', level:f
     lo, hi = bootstrap_ci(d, level, seed=seed)
     return dict(metric=metric, mean=float(d.mean()), lo=lo, hi=hi, level=level, photos=len(d), a_better=int((d > 0).sum()))
 
-def compare_sentence(a:str, b:str, diff:dict, unit:str='dB')->str:
-    "`a` beats / loses to / cannot be told apart from `b`, as the interval of `paired_difference` says"
+def compare_sentence(a:str, b:str, diff:dict, where:str='', unit:str='dB')->str:
+    "`a` beats / loses to / cannot be told apart from `b` (on `where`), as the interval of `paired_difference` says"
     what = (f"beats {b}" if diff['lo'] > 0 else f"loses to {b}" if diff['hi'] < 0 else f"cannot be told apart from {b}")
-    return (f"{a} {what}: {diff['metric'].upper()} {diff['mean']:+.2f} {unit} on average over {diff['photos']} held-out photos "
-            f"({diff['level']:.0%} bootstrap interval {diff['lo']:+.2f} to {diff['hi']:+.2f} {unit}; {a} ahead on {diff['a_better']} of them).")
+    return (f"{a} {what}{' on ' + where if where else ''}: {diff['metric'].upper()} {diff['mean']:+.2f} {unit} on average over "
+            f"{diff['photos']} held-out photos ({diff['level']:.0%} bootstrap interval {diff['lo']:+.2f} to {diff['hi']:+.2f} {unit}; "
+            f"ahead on {diff['a_better']} of {diff['photos']}).")

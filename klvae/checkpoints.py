@@ -128,11 +128,12 @@ def infer_config(sd:dict # CompVis-layout state dict of a KL autoencoder
 _DIFFUSERS_DEFAULTS = dict(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',), up_block_types=('UpDecoderBlock2D',),
                            block_out_channels=(64,), layers_per_block=1, act_fn='silu', latent_channels=4, norm_num_groups=32,
                            sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
-                           force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True)
+                           force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+                           klvae_resample_shortcut=False)   # klvae's extension; diffusers ignores the key
 _DIFFUSERS_KINDS = dict(in_channels='int', out_channels='int', down_block_types='strs', up_block_types='strs', block_out_channels='ints',
                         layers_per_block='int', act_fn='str', latent_channels='int', norm_num_groups='int', sample_size='int',
                         scaling_factor='scale', shift_factor='real?', force_upcast='bool', use_quant_conv='bool',
-                        use_post_quant_conv='bool', mid_block_add_attention='bool')
+                        use_post_quant_conv='bool', mid_block_add_attention='bool', klvae_resample_shortcut='bool')
 
 def _real(x): return (type(x) is float and math.isfinite(x)) or (type(x) is int and abs(x) < 2**53)
 _KINDS = {'int': ('an integer 0..2^20', lambda x: type(x) is int and 0 <= x <= 1 << 20),
@@ -175,7 +176,8 @@ def config_from_diffusers(d:dict # the contents of a diffusers AutoencoderKL con
     return VAEConfig(resolution=c['sample_size'], in_channels=c['in_channels'], out_ch=c['out_channels'], ch=boc[0],
                      ch_mult=tuple(w//boc[0] for w in boc), num_res_blocks=c['layers_per_block'],
                      mid_attention=c['mid_block_add_attention'], z_channels=c['latent_channels'], embed_dim=c['latent_channels'],
-                     scaling_factor=c['scaling_factor'], shift_factor=c['shift_factor'] or 0.0)
+                     scaling_factor=c['scaling_factor'], shift_factor=c['shift_factor'] or 0.0,
+                     resample_shortcut=c['klvae_resample_shortcut'])
 
 def config_to_diffusers(cfg:VAEConfig)->dict:
     "The diffusers `AutoencoderKL` config of `cfg`, or an error if diffusers cannot express it"
@@ -188,7 +190,8 @@ def config_to_diffusers(cfg:VAEConfig)->dict:
             'in_channels': cfg.in_channels, 'out_channels': cfg.out_ch, 'down_block_types': ['DownEncoderBlock2D']*n,
             'up_block_types': ['UpDecoderBlock2D']*n, 'block_out_channels': [cfg.ch*m for m in cfg.ch_mult],
             'layers_per_block': cfg.num_res_blocks, 'latent_channels': cfg.z_channels, 'sample_size': cfg.resolution,
-            'mid_block_add_attention': cfg.mid_attention, 'scaling_factor': cfg.scaling_factor, 'shift_factor': cfg.shift_factor or None}
+            'mid_block_add_attention': cfg.mid_attention, 'scaling_factor': cfg.scaling_factor, 'shift_factor': cfg.shift_factor or None,
+            'klvae_resample_shortcut': cfg.resample_shortcut}
 
 # %% ../nbs/02_checkpoints.ipynb #2f00bc29
 def autoencoder_keys(keys:list)->list:
@@ -401,6 +404,9 @@ def save_compvis(model:AutoencoderKL,
                 )->Path:
     "Save `model`'s weights in the CompVis layout"
     path = Path(path)
+    if getattr(model.config, 'resample_shortcut', False):
+        raise ValueError("this model has klvae's resample shortcut, which the CompVis layout cannot record (its weights alone would "
+                         "load as a model without it): save it with save_pretrained, whose config.json keeps it")
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == '.safetensors': save_file(sd, path, metadata={'format': 'pt'})
     elif path.suffix in ('.ckpt', '.pt'): torch.save({'state_dict': sd}, path)

@@ -140,8 +140,8 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
                            for (s, b, m), d in diffs.items()]).round(3)
     paired.to_csv(run/'heldout_paired.csv', index=False)
     crops = next(iter(sets))
-    headline = compare_sentence(f'The demo model ({cfg.steps} steps)', f'bicubic ×{f}', diffs[crops, f'bicubic ×{f}', 'psnr']) + \
-        f' On the {crops}. On the 256² center crops: ' + compare_sentence('it', f'bicubic ×{f}', diffs['256² center', f'bicubic ×{f}', 'psnr'])
+    headline = (compare_sentence(f'The demo model ({cfg.steps} steps)', f'bicubic ×{f}', diffs[crops, f'bicubic ×{f}', 'psnr'], f'the {crops}')
+                + ' ' + compare_sentence('It', f'bicubic ×{f}', diffs['256² center', f'bicubic ×{f}', 'psnr'], 'the 256² center crops'))
     val = make_dataset(cfg.val_data, cfg, False)
     vx = torch.stack([val[i] for i in range(min(cfg.val_images, len(val)))])
     with torch.no_grad(): hlines = {n: psnr(to_uint8(vx), to_uint8(m(vx)[0])).mean().item() for n, m in models.items() if n in baselines(f)}

@@ -40,8 +40,14 @@ class VAEConfig:
     double_z: bool = True            # encoder predicts mean and logvar (2*z_channels)
     scaling_factor: float = 0.18215  # 1/std of the released kl-f8's latents (LDM sec. 4.3.2, D.1); retrain -> recompute
     shift_factor: float = 0.0        # latent mean subtracted before scaling (0 for SD 1/2; SD3/FLUX use one)
+    resample_shortcut: bool = False  # klvae's extension, not in SD/diffusers: the posterior mean gets the f x f average of the RGB image in
+                                     # its first 3 channels and the decoder adds their bilinear x f upsampling; the networks learn the residual
 
-    def __post_init__(self): object.__setattr__(self, 'ch_mult', tuple(self.ch_mult)); object.__setattr__(self, 'attn_resolutions', tuple(self.attn_resolutions))
+    def __post_init__(self):
+        object.__setattr__(self, 'ch_mult', tuple(self.ch_mult)); object.__setattr__(self, 'attn_resolutions', tuple(self.attn_resolutions))
+        if self.resample_shortcut and (self.in_channels != 3 or self.out_ch != 3 or self.embed_dim < 3):
+            raise ValueError(f"resample_shortcut needs RGB in and out and at least 3 latent channels; got in_channels={self.in_channels}, "
+                             f"out_ch={self.out_ch}, embed_dim={self.embed_dim}")
     @property
     def downsample_factor(self): return 2**(len(self.ch_mult)-1)
 
@@ -53,6 +59,8 @@ PRESETS = {
     'kl-f32': VAEConfig(ch_mult=(1, 1, 2, 2, 4, 4), z_channels=64, embed_dim=64, attn_resolutions=(16, 8)),
     # f=8 with 4 latent channels like kl-f8, ~1.6M parameters: notebooks and tests run it in seconds on a CPU
     'tiny':   VAEConfig(resolution=32, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+    # the tiny model with the resample shortcut: the demo's, the architecture that trains past bicubic in minutes on a CPU
+    'tiny-rs': VAEConfig(resolution=32, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, resample_shortcut=True),
 }
 
 # %% ../nbs/01_model.ipynb #0b1e06bd
@@ -232,13 +240,19 @@ class AutoencoderKL(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"encode expects images (B, {self.config.in_channels}, H, W) with H and W divisible by {f}; "
                              f"got {tuple(x.shape)}. Crop or pad the images to a multiple of {f}.")
-        return DiagonalGaussian(self.quant_conv(self.encoder(x.contiguous(memory_format=torch.channels_last))))
+        moments = self.quant_conv(self.encoder(x.contiguous(memory_format=torch.channels_last)))
+        if self.config.resample_shortcut:   # the mean's first 3 channels start from the image's f x f averages
+            moments = moments + F.pad(F.avg_pool2d(x.to(moments.dtype), f), (0, 0, 0, 0, 0, moments.shape[1] - 3))
+        return DiagonalGaussian(moments)
 
     def decode(self, z:torch.Tensor)->torch.Tensor:
         "Images in (approximately) [-1, 1] from latents (B,embed_dim,h,w)"
         if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
             raise ValueError(f"decode expects latents (B, {self.config.embed_dim}, h, w); got {tuple(z.shape)}.")
-        return self.decoder(self.post_quant_conv(z.contiguous(memory_format=torch.channels_last)))
+        x = self.decoder(self.post_quant_conv(z.contiguous(memory_format=torch.channels_last)))
+        if self.config.resample_shortcut:
+            x = x + F.interpolate(z[:, :3].to(x.dtype), scale_factor=self.config.downsample_factor, mode='bilinear', align_corners=False)
+        return x
 
     def forward(self, x:torch.Tensor, sample_posterior:bool=True, generator:torch.Generator|None=None):
         "Reconstruction and posterior; `sample_posterior=False` decodes the mean"

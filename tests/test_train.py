@@ -330,3 +330,79 @@ def test_ci_vq_preset_trains_a_vq_model(tmp_path):
     assert cfg['_class_name'] == 'VQModel' and cfg['num_vq_embeddings'] == 256
     disc = weights(tmp_path/'vq'/'checkpoints'/'step_0000006', 'discriminator')
     assert sum(k.endswith('running_mean') for k in disc) == 2                                    # the 2-layer PatchGAN of vq-f8
+
+
+# ---------------------------------------------------------------- fine-tuning released weights (--init, train_only)
+FT = ['--preset', 'ci', '--perceptual', 'off', '--disc-start', '100', '--val-every', '0', '--steps', '6', '--ckpt-every', '3',
+      '--recipe', 'ft-mse', '--train-only', 'decoder', '--sample-posterior', 'false']
+
+def parent_files(tmp_path):
+    "A parent VAE (the tiny model with its own weights) as a diffusers folder and as a CompVis-layout .ckpt"
+    from klvae.model import AutoencoderKL, PRESETS
+    from klvae.checkpoints import save_compvis
+    torch.manual_seed(123)
+    parent = AutoencoderKL(PRESETS['tiny'])
+    parent.save_pretrained(tmp_path/'parent')
+    save_compvis(parent, tmp_path/'parent.ckpt')
+    return parent
+
+def encode(vae_dir, x):
+    from klvae.model import AutoencoderKL
+    with torch.no_grad(): return AutoencoderKL.from_pretrained(vae_dir).encode(x).mean
+
+@pytest.mark.parametrize('layout', ['diffusers', 'compvis'])
+def test_decoder_only_fine_tune_keeps_the_encoder_bitwise(tmp_path, layout):
+    "--init from either layout: encoder and quant_conv bitwise the parent's, the latents equal, the decoder trained, the parent's scale kept"
+    parent = parent_files(tmp_path)
+    init = tmp_path/('parent' if layout == 'diffusers' else 'parent.ckpt')
+    run(cli(*FT, '--init', str(init), '--run-dir', str(tmp_path/'ft')))
+    w, p = weights(tmp_path/'ft'/'vae'), {k: v for k, v in weights(tmp_path/'parent').items()}
+    enc = [k for k in p if k.startswith(('encoder.', 'quant_conv.'))]
+    dec = [k for k in p if k.startswith(('decoder.', 'post_quant_conv.'))]
+    assert enc and all(torch.equal(w[k], p[k]) for k in enc)                    # frozen: bitwise
+    assert sum(not torch.equal(w[k], p[k]) for k in dec) > len(dec)//2         # trained
+    from klvae.data import EmbeddedPhotos
+    x = torch.stack([EmbeddedPhotos('val', 32, train=False)[i] for i in range(2)])
+    assert torch.equal(encode(tmp_path/'ft'/'vae', x), encode(tmp_path/'parent', x))
+    info = json.loads((tmp_path/'ft'/'config.json').read_text())
+    assert info['parent']['path'] == str(init) and info['frozen'].endswith('of the encoder and quant_conv')
+    assert info['latent_scale']['scaling_factor'] == parent.config.scaling_factor and 'parent' in info['latent_scale']['how']
+    assert json.loads((tmp_path/'ft'/'vae'/'config.json').read_text())['scaling_factor'] == parent.config.scaling_factor
+
+def test_fine_tune_resumes_bitwise(tmp_path):
+    "A decoder-only fine-tune stopped at its step-3 checkpoint and resumed ends bitwise where an uninterrupted one ends"
+    import shutil
+    parent_files(tmp_path)
+    args = [*FT, '--init', str(tmp_path/'parent')]
+    run(cli(*args, '--run-dir', str(tmp_path/'whole')))
+    shutil.copytree(tmp_path/'whole', tmp_path/'cut')
+    shutil.rmtree(tmp_path/'cut'/'checkpoints'/'step_0000006'); shutil.rmtree(tmp_path/'cut'/'vae')
+    (tmp_path/'cut'/'checkpoints'/'latest').write_text('step_0000003')
+    run(cli(*args, '--run-dir', str(tmp_path/'cut'), '--resume', 'latest'))
+    a, b = weights(tmp_path/'whole'/'vae'), weights(tmp_path/'cut'/'vae')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+def test_training_from_scratch_exports_its_own_scaling_factor(tmp_path):
+    "A run that trains the encoder writes 1/std of its own latents (not 0.18215) with the interval, in the export and config.json"
+    run(cli('--preset', 'ci', '--perceptual', 'off', '--run-dir', str(tmp_path/'r')))
+    scale = json.loads((tmp_path/'r'/'config.json').read_text())['latent_scale']
+    exported = json.loads((tmp_path/'r'/'vae'/'config.json').read_text())
+    assert exported['scaling_factor'] == scale['scaling_factor'] != 0.18215 and scale['ci'][0] < scale['scaling_factor'] < scale['ci'][1]
+    assert exported['shift_factor'] == scale['shift_factor']
+
+@pytest.mark.parametrize('bad', ['hostile', 'mismatched'])
+def test_init_with_a_bad_file_names_it(tmp_path, bad):
+    "--init with a pickle that runs code, or with another model's weights: a CheckpointError naming the file, nothing trained"
+    f = tmp_path/'bad.ckpt'
+    if bad == 'hostile':
+        class Boom:
+            def __reduce__(self): return (os.system, (f'touch {tmp_path}/pwned',))
+        torch.save({'state_dict': {'encoder.conv_in.weight': Boom()}}, f)
+    else:
+        from klvae.model import AutoencoderKL, PRESETS
+        from klvae.checkpoints import save_compvis
+        from dataclasses import replace
+        save_compvis(AutoencoderKL(replace(PRESETS['tiny'], ch=64)), f)
+    r = run(cli(*FT, '--init', str(f), '--run-dir', str(tmp_path/'ft')), check=False)
+    assert r.returncode != 0 and 'CheckpointError' in r.stderr and str(f) in r.stderr
+    assert not (tmp_path/'pwned').exists() and not (tmp_path/'ft'/'vae').exists()
