@@ -68,6 +68,7 @@ def paired_difference(a:pd.DataFrame, b:pd.DataFrame, metric:str='psnr', level:f
 def compare_sentence(a:str, b:str, diff:dict, where:str='', unit:str='dB')->str:
     "`a` beats / loses to / cannot be told apart from `b` (on `where`), as the interval of `paired_difference` says"
     what = (f"beats {b}" if diff['lo'] > 0 else f"loses to {b}" if diff['hi'] < 0 else f"cannot be told apart from {b}")
-    return (f"{a} {what}{' on ' + where if where else ''}: {diff['metric'].upper()} {diff['mean']:+.2f} {unit} on average over "
-            f"{diff['photos']} held-out photos ({diff['level']:.0%} bootstrap interval {diff['lo']:+.2f} to {diff['hi']:+.2f} {unit}; "
+    n, u = (2, f' {unit}') if diff['metric'] == 'psnr' else (4, '')   # dB to 0.01; SSIM and others, unitless, to 1e-4
+    return (f"{a} {what}{' on ' + where if where else ''}: {diff['metric'].upper()} {diff['mean']:+.{n}f}{u} on average over "
+            f"{diff['photos']} held-out photos ({diff['level']:.0%} bootstrap interval {diff['lo']:+.{n}f} to {diff['hi']:+.{n}f}{u}; "
             f"ahead on {diff['a_better']} of {diff['photos']}).")

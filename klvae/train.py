@@ -21,8 +21,8 @@ Docs: https://github.com/klvae/klvae/train.html.md"""
 __all__ = ['EMBEDDED', 'CKPT_FILES', 'FROZEN', 'TrainConfig', 'parse_value', 'train_config', 'lr_factor', 'rank_batches',
            'heldout_crops', 'make_dataset', 'SyncBatchNorm2d', 'EMA', 'save_checkpoint', 'find_checkpoint',
            'load_checkpoint', 'check_training_state', 'read_log', 'validate', 'build_model', 'forced_cpu_bf16',
-           'cpu_bf16_supported', 'resolve_precision', 'scale_steps', 'step_seconds', 'effective_config', 'initialise',
-           'freeze', 'estimate_scaling_factor', 'latent_scale', 'train', 'cli_parser', 'main']
+           'cpu_bf16_supported', 'resolve_precision', 'scale_steps', 'freeze', 'step_seconds', 'effective_config',
+           'initialise', 'estimate_scaling_factor', 'latent_scale', 'train', 'cli_parser', 'main']
 
 # %% ../nbs/06_train.ipynb #65e823eb
 import argparse, contextlib, importlib, inspect, json, math, os, re, shutil, sys, time, warnings
@@ -429,6 +429,15 @@ def _perceptual(mode:str)->tuple:
         return None, f"off: perceptual=auto and the VGG16 file was not found ({e})"
     return lpips_vgg(), f"on (LPIPS VGG v0.1, VGG16 weights {path})"
 
+FROZEN = {'all': (), 'decoder': ('encoder.', 'quant_conv.')}   # what `train_only` keeps fixed
+
+def freeze(vae:nn.Module, train_only:str)->set:
+    "Freeze the parts `train_only` keeps fixed (requires_grad False); the names of their tensors"
+    if train_only not in FROZEN: raise ValueError(f"train_only={train_only!r}; choose one of {list(FROZEN)}")
+    names = {k for k in vae.state_dict() if k.startswith(FROZEN[train_only])}
+    for k, p in vae.named_parameters(): p.requires_grad_(k not in names)
+    return names
+
 def _step_cache()->Path: return get_settings().runs_path/'step_seconds.json'
 
 def step_seconds(cfg:TrainConfig,  # the run: model, width, batch, crop, LPIPS, gradient checkpointing
@@ -439,7 +448,7 @@ def step_seconds(cfg:TrainConfig,  # the run: model, width, batch, crop, LPIPS, 
     "Median seconds of one VAE optimizer step of `cfg` on this CPU under `precision`, and whether it came from the cache"
     key = (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {cfg.model} width {cfg.width} | "
            f"batch {cfg.batch_size}x{cfg.grad_accum} at {cfg.resolution}² | LPIPS {cfg.perceptual} | checkpointing "
-           f"{cfg.gradient_checkpointing} | {precision}")
+           f"{cfg.gradient_checkpointing} | recipe {cfg.recipe} | trains {cfg.train_only} | {precision}")
     f, known = _step_cache(), {}
     try: known = json.loads(f.read_text()) if cache and f.is_file() else {}
     except ValueError as e: raise ValueError(f"{f} is not valid JSON ({e}): delete it, and the step times are measured again") from e
@@ -447,9 +456,10 @@ def step_seconds(cfg:TrainConfig,  # the run: model, width, batch, crop, LPIPS, 
     with torch.random.fork_rng(devices=[]):   # the probe leaves the run's random state as it found it
         torch.manual_seed(0)
         vae = build_model(cfg.model, cfg.width).enable_gradient_checkpointing(cfg.gradient_checkpointing)
+        freeze(vae, cfg.train_only)   # a decoder-only step skips the encoder's weight gradients
         recipe = replace(RECIPES[cfg.recipe], disc_start=1 << 62)   # a VAE step before the discriminator: what most steps are
         objective, disc = VAELoss(recipe, _perceptual(cfg.perceptual)[0]), NLayerDiscriminator(n_layers=recipe.disc_layers)
-        opt = torch.optim.Adam(vae.parameters(), lr=1e-6)
+        opt = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=1e-6)
         x, times = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution)*2 - 1, []
         for i in range(repeats + 2):
             t0 = time.perf_counter()
@@ -498,15 +508,6 @@ def _parent_of(run:Path)->dict|None:
     "The parent a run was initialised from, as its config.json recorded it (a resumed run does not load it again)"
     f = run/'config.json'
     return json.loads(f.read_text()).get('parent') if f.is_file() else None
-
-FROZEN = {'all': (), 'decoder': ('encoder.', 'quant_conv.')}   # what `train_only` keeps fixed
-
-def freeze(vae:nn.Module, train_only:str)->set:
-    "Freeze the parts `train_only` keeps fixed (requires_grad False); the names of their tensors"
-    if train_only not in FROZEN: raise ValueError(f"train_only={train_only!r}; choose one of {list(FROZEN)}")
-    names = {k for k in vae.state_dict() if k.startswith(FROZEN[train_only])}
-    for k, p in vae.named_parameters(): p.requires_grad_(k not in names)
-    return names
 
 # %% ../nbs/06_train.ipynb #ft00cd04
 @torch.no_grad()
