@@ -186,12 +186,13 @@ def config_to_diffusers(cfg:VAEConfig)->dict:
                          f"double_z; this config has attn_resolutions={cfg.attn_resolutions}, embed_dim={cfg.embed_dim}, "
                          f"z_channels={cfg.z_channels}, double_z={cfg.double_z}. Save it with save_compvis instead.")
     n = len(cfg.ch_mult)
-    return {'_class_name': 'AutoencoderKL', **_DIFFUSERS_DEFAULTS,
+    defaults = {k: v for k, v in _DIFFUSERS_DEFAULTS.items() if k != 'klvae_resample_shortcut'}   # diffusers' own keys only
+    return {'_class_name': 'AutoencoderKL', **defaults,
             'in_channels': cfg.in_channels, 'out_channels': cfg.out_ch, 'down_block_types': ['DownEncoderBlock2D']*n,
             'up_block_types': ['UpDecoderBlock2D']*n, 'block_out_channels': [cfg.ch*m for m in cfg.ch_mult],
             'layers_per_block': cfg.num_res_blocks, 'latent_channels': cfg.z_channels, 'sample_size': cfg.resolution,
             'mid_block_add_attention': cfg.mid_attention, 'scaling_factor': cfg.scaling_factor, 'shift_factor': cfg.shift_factor or None,
-            'klvae_resample_shortcut': cfg.resample_shortcut}
+            **({'klvae_resample_shortcut': True} if cfg.resample_shortcut else {})}   # klvae's extension, only where it is on
 
 # %% ../nbs/02_checkpoints.ipynb #2f00bc29
 def autoencoder_keys(keys:list)->list:

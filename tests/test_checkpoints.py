@@ -252,3 +252,20 @@ def test_mixed_layouts_are_refused(tiny):
 
 def test_check_state_dict_passes_on_a_good_state_dict(tiny):
     check_state_dict(tiny, tiny.state_dict())  # no error: the checks above fail for the named reasons only
+
+
+def test_resample_shortcut_round_trips_and_is_never_lost(tmp_path):
+    "A tiny-rs export reloads with its shortcut and the same outputs; the CompVis layout, which cannot record it, is refused"
+    from klvae.model import AutoencoderKL, PRESETS
+    from klvae.checkpoints import save_compvis
+    torch.manual_seed(0)
+    m = AutoencoderKL(PRESETS['tiny-rs']).eval()
+    m.save_pretrained(tmp_path/'rs')
+    assert json.loads((tmp_path/'rs'/'config.json').read_text())['klvae_resample_shortcut'] is True
+    back = AutoencoderKL.from_pretrained(tmp_path/'rs')
+    x = torch.rand(2, 3, 32, 32)*2 - 1
+    with torch.no_grad(): assert back.config.resample_shortcut and torch.equal(back(x, sample_posterior=False)[0], m(x, sample_posterior=False)[0])
+    with pytest.raises(ValueError, match='resample shortcut'): save_compvis(m, tmp_path/'rs.ckpt')
+    assert not (tmp_path/'rs.ckpt').exists()
+    AutoencoderKL(PRESETS['tiny']).save_pretrained(tmp_path/'plain')   # a plain model's config stays diffusers' own
+    assert 'klvae_resample_shortcut' not in json.loads((tmp_path/'plain'/'config.json').read_text())
