@@ -74,6 +74,7 @@ def training_report(run_dir:str|Path,            # a run folder written by `trai
                     hlines:dict|None=None,        # baselines on the validation curve: name -> dB
                     paired:pd.DataFrame|None=None, # per-photo paired differences (`paired_difference` rows)
                     headline:str='',              # the computed verdict, shown first
+                    plotly_src:str|None=None,     # a shared plotly.js (relative URL, as `make reports` writes assets/plotly.min.js); None: inlined
                    )->str:
     "A self-contained HTML page: settings, loss curves, validation grids before and after, metrics"
     run = Path(run_dir)
@@ -90,11 +91,11 @@ def training_report(run_dir:str|Path,            # a run folder written by `trai
                       f"{cfg['resolution']}x{cfg['resolution']} crops, lr {info['lr']:.3g} ({cfg['lr_schedule']})",
              **({'work': info['work']} if info.get('work') else {}),
              'skipped non-finite steps': int(rows['nonfinite'].sum()) if len(rows) else 0, 'started': info['started']}
-    parts = [f"<h1>{html.escape(title)}</h1>",
+    parts = [*([f"<p><a href='index.html'>klvae reports</a></p>"] if plotly_src else []), f"<h1>{html.escape(title)}</h1>",
              '<table class="facts">' + ''.join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()) + '</table>',
              *([f"<p><b>{html.escape(headline)}</b></p>"] if headline else []),
              *(f"<p>{html.escape(n)}</p>" for n in notes or []),
-             "<h2>Loss curves</h2>", loss_figure(log, hlines).to_html(full_html=False, include_plotlyjs=True)]
+             "<h2>Loss curves</h2>", loss_figure(log, hlines).to_html(full_html=False, include_plotlyjs=plotly_src or True)]
     if grids:
         parts += ["<h2>Validation: originals (top) and posterior-mean reconstructions (bottom)</h2>",
                   f"<h3>Before training ({grids[0].stem.replace('_', ' ')})</h3>", _img(grids[0]),
@@ -152,8 +153,12 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
              f"{t_train/60:.1f} ({cfg.steps/t_train:.2f} steps/s, {ips.median():.1f} images/s in the loop, on {cpu_name()})."]
     if info.get('work'): notes.append(f"Work: {info['work']}.")
     report = Path(report) if report else get_settings().reports_path/'demo.html'
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(training_report(run, table, 'klvae demo: the cpu preset on the committed photographs', notes, hlines, paired, headline))
+    asset = report.parent/'assets'/'plotly.min.js'   # shared with the pages of `make reports`: the page stays small
+    if not asset.is_file():
+        import plotly.offline
+        asset.parent.mkdir(parents=True, exist_ok=True); asset.write_text(plotly.offline.get_plotlyjs(), encoding='utf-8')
+    report.write_text(training_report(run, table, 'klvae demo: the cpu preset on the committed photographs', notes, hlines, paired,
+                                      headline, plotly_src='assets/plotly.min.js'))
     trained = table[table.index.str.startswith(done)]
     figures = {f"held-out {i.split(', ', 1)[1]}": ', '.join(f"{c} {v}" for c, v in row.items() if c != 'images') for i, row in trained.iterrows()}
     used = {'no': 'fp32'}.get(info['precision']['used'], info['precision']['used'])
