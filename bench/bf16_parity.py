@@ -13,15 +13,14 @@ def one(steps, seed, threads, out, p):
     torch.set_num_threads(threads)
     from klvae.demo import heldout_sets
     from klvae.metrics import evaluate
-    from dataclasses import replace
     from klvae.train import train, train_config, scale_steps
     from klvae.vq import load_autoencoder
-    full = train_config('cpu', log_every=5, seed=seed, mixed_precision=p, run_dir=str(Path(out)/p))
-    cfg = scale_steps(replace(full, fp32_cpu_scale=steps/full.steps))   # the whole schedule shrunk to `steps` (at most the preset's)
+    full = train_config('cpu', log_every=5, seed=seed, mixed_precision=p, run_dir=str(Path(out)/p), time_budget_min=0)
+    cfg = scale_steps(full, min(1.0, steps/full.steps))   # the whole schedule shrunk to `steps` (at most the preset's)
     t0 = time.time(); run = train(cfg); minutes = (time.time() - t0)/60
     m = load_autoencoder(run/'vae')
     assert all(v.dtype == torch.float32 for v in m.state_dict().values())   # autocast never touches the master weights
-    return dict(minutes=minutes, **{f'{s} {k}': float(df[k].mean()) for s, ds in heldout_sets(cfg.resolution, cfg.zoom or None).items()
+    return dict(minutes=minutes, **{f'{s} {k}': float(df[k].mean()) for s, ds in heldout_sets(cfg.resolution, cfg.zoom or None, cfg.val_data).items()
                                     for df in [evaluate(m, ds, metrics=('psnr', 'ssim'), progress=False)] for k in ('psnr', 'ssim')})
 
 if __name__ == '__main__':

@@ -15,12 +15,12 @@ if __name__ == '__main__':
     import torch
     from dataclasses import replace
     from klvae.config import cpu_name
-    from klvae.study import DEMO_CANDIDATES
-    from klvae.train import build_model, train_config, scale_steps
+    from klvae.study import DEMO_CANDIDATES, sweep_budget
+    from klvae.train import build_model
     from klvae.model import PRESETS
     from klvae.losses import RECIPES, VAELoss
     torch.set_num_threads(a.threads); torch.manual_seed(0)
-    budget = scale_steps(train_config('cpu'))
+    budget = sweep_budget()   # the preset the sweep compared: fp32, 1300 steps of batch 8 at 64²
     cands = {'budget': budget} | {k: replace(budget, **o) for k, o in DEMO_CANDIDATES.items()}
     shapes = {}   # (resolution, batch, width) -> model, optimizer, batch of images; candidates of one shape share it
     for c in cands.values():

@@ -127,7 +127,8 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     done = f'trained ({cfg.steps} steps)'
     model = load_autoencoder(run/'vae')
     f = 2**(len(model.config.ch_mult) - 1)
-    models = {done: model, 'untrained (step 0)': build_model(cfg.model, cfg.width), **baselines(f)}
+    base = baselines(f)
+    models = {done: model, 'untrained (step 0)': build_model(cfg.model, cfg.width), **base}
     sets = heldout_sets(cfg.resolution, cfg.zoom or None, cfg.val_data)
     dfs = {(n, s): evaluate(m, ds, metrics=metrics, progress=False) for s, ds in sets.items() for n, m in models.items()}
     table = pd.concat([summarize(df, name=f'{n}, {s}') for (n, s), df in dfs.items()])
@@ -145,7 +146,7 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
                 + ' ' + compare_sentence('It', f'bicubic ×{f}', diffs['256² center', f'bicubic ×{f}', 'psnr'], 'the 256² center crops'))
     val = make_dataset(cfg.val_data, cfg, False)
     vx = torch.stack([val[i] for i in range(min(cfg.val_images, len(val)))])
-    with torch.no_grad(): hlines = {n: psnr(to_uint8(vx), to_uint8(m(vx)[0])).mean().item() for n, m in models.items() if n in baselines(f)}
+    with torch.no_grad(): hlines = {n: psnr(to_uint8(vx), to_uint8(m(vx)[0])).mean().item() for n, m in base.items()}
     wall = time.time() - t0
     log = read_log(run)
     ips = log['images_per_s'].dropna()
