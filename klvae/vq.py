@@ -56,8 +56,14 @@ class VQConfig:
     codebook_ema_decay: float = 0.0  # >0: codebook = EMA of its latents, no codebook loss (VQ-VAE-2: 0.99); CompVis: 0
     dead_code_steps: int = 0         # >0: a code unused this many training steps restarts at a latent (Jukebox); CompVis: 0
     scaling_factor: float = 1.0      # latent scale for diffusion: 1.0 for the LDM VQ models, never kl-f8's 0.18215
+    resample_shortcut: bool = False  # klvae's extension (as VAEConfig's): the latent gets the f x f RGB averages in its first 3 channels before
+                                     # quantisation, the decoder adds their bilinear x f upsampling; not in taming/diffusers
 
-    def __post_init__(self): object.__setattr__(self, 'ch_mult', tuple(self.ch_mult)); object.__setattr__(self, 'attn_resolutions', tuple(self.attn_resolutions))
+    def __post_init__(self):
+        object.__setattr__(self, 'ch_mult', tuple(self.ch_mult)); object.__setattr__(self, 'attn_resolutions', tuple(self.attn_resolutions))
+        if self.resample_shortcut and (self.in_channels != 3 or self.out_ch != 3 or self.embed_dim < 3):
+            raise ValueError(f"resample_shortcut needs RGB in and out and at least 3 code channels; got in_channels={self.in_channels}, "
+                             f"out_ch={self.out_ch}, embed_dim={self.embed_dim}")
     @property
     def double_z(self)->bool: return False  # read by `Encoder`: a VQ encoder outputs z_channels, not mean and log-variance
     @property
@@ -67,11 +73,17 @@ class VQConfig:
 VQ_PRESETS = {
     'vq-f8':        VQConfig(),
     'vq-f8-n256':   VQConfig(n_embed=256),
+    'vq-f8-ema':    VQConfig(codebook_ema_decay=0.99, dead_code_steps=100),   # vq-f8 with the codebook remedies (Table 8's study, full scale)
     'vq-f4':        VQConfig(ch_mult=(1, 2, 4), attn_resolutions=(), z_channels=3, embed_dim=3, n_embed=8192),
     'vq-f4-noattn': VQConfig(ch_mult=(1, 2, 4), attn_resolutions=(), mid_attention=False, z_channels=3, embed_dim=3, n_embed=8192),
     'vq-f16':       VQConfig(ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), z_channels=8, embed_dim=8),
     # f=8 with 4 latent channels like PRESETS['tiny']: notebooks and tests run it in seconds on a CPU
     'tiny-vq':      VQConfig(resolution=32, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(), n_embed=256),
+    # the tiny shape with the resample shortcut, as PRESETS['tiny-rs']: Table 8's codebooks at a size two CPU cores train past bicubic,
+    # as published (taming's quantizer) and with the remedies (EMA codebook, restarts of codes unused for 100 steps)
+    **{f'tiny-vq-rs{n}{fix}': VQConfig(resolution=32, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(), resample_shortcut=True,
+                                       n_embed=256 if n else 16384, **(dict(codebook_ema_decay=0.99, dead_code_steps=100) if fix else {}))
+       for n in ('', '-n256') for fix in ('', '-ema')},
 }
 
 # %% ../nbs/05a_vq.ipynb #459253cc
@@ -231,13 +243,19 @@ class VQModel(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"encode expects images (B, {self.config.in_channels}, H, W) with H and W divisible by {f}; "
                              f"got {tuple(x.shape)}. Crop or pad the images to a multiple of {f}.")
-        return self.quant_conv(self.encoder(x.contiguous(memory_format=torch.channels_last)))
+        h = self.quant_conv(self.encoder(x.contiguous(memory_format=torch.channels_last)))
+        if self.config.resample_shortcut: h = h + F.pad(F.avg_pool2d(x.to(h.dtype), f), (0, 0, 0, 0, 0, h.shape[1] - 3))   # as AutoencoderKL's
+        return h
 
     def decode(self, h:torch.Tensor, force_not_quantize:bool=False)->torch.Tensor:
         "Images from latents `h` (B, embed_dim, h, w), quantised first unless `force_not_quantize`"
         if h.ndim != 4 or h.shape[1] != self.config.embed_dim:
             raise ValueError(f"decode expects latents (B, {self.config.embed_dim}, h, w); got {tuple(h.shape)}.")
-        return self.decoder(self.post_quant_conv(h if force_not_quantize else self.quantize(h).zq))
+        zq = h if force_not_quantize else self.quantize(h).zq
+        x = self.decoder(self.post_quant_conv(zq))
+        if self.config.resample_shortcut:
+            x = x + F.interpolate(zq[:, :3].to(x.dtype), scale_factor=self.config.downsample_factor, mode='bilinear', align_corners=False)
+        return x
 
     def decode_code(self, indices:torch.Tensor)->torch.Tensor:
         "Images from code indices (B, h, w)"
@@ -293,9 +311,9 @@ def vq_config_from_diffusers(d:dict # the contents of a diffusers VQModel config
                               + (": load it with AutoencoderKL.from_pretrained" if d['_class_name'] == 'AutoencoderKL' else ''))
     unknown = sorted(k for k in d if not k.startswith('_') and k not in _VQ_DIFFUSERS_DEFAULTS)
     extra = d.get('_klvae', {})
-    if unknown or not isinstance(extra, dict) or set(extra) - {'beta', 'legacy'}:
+    if unknown or not isinstance(extra, dict) or set(extra) - {'beta', 'legacy', 'resample_shortcut'}:
         raise CheckpointError(f"config.json has keys klvae does not know: {brief(unknown or extra, 400)}")
-    if type(extra.get('beta', 0.25)) not in (int, float) or type(extra.get('legacy', True)) is not bool:
+    if type(extra.get('beta', 0.25)) not in (int, float) or type(extra.get('legacy', True)) is not bool or type(extra.get('resample_shortcut', False)) is not bool:
         raise CheckpointError(f"config.json's _klvae needs a number beta and a boolean legacy; got {brief(extra, 400)}")
     c = {**_VQ_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith('_')}}
     check_config_types(c, _VQ_DIFFUSERS_KINDS)  # before any arithmetic on them
@@ -313,13 +331,13 @@ def vq_config_from_diffusers(d:dict # the contents of a diffusers VQModel config
                     attn_resolutions=tuple(c['sample_size'] // 2**i for i, a in enumerate(attn) if a),
                     mid_attention=c['mid_block_add_attention'], z_channels=c['latent_channels'],
                     embed_dim=c['vq_embed_dim'] or c['latent_channels'], n_embed=c['num_vq_embeddings'],
-                    beta=extra.get('beta', 0.25), legacy=extra.get('legacy', True),
+                    beta=extra.get('beta', 0.25), legacy=extra.get('legacy', True), resample_shortcut=extra.get('resample_shortcut', False),
                     scaling_factor=1.0 if c['scaling_factor'] is None else c['scaling_factor'])
 
 def vq_config_to_diffusers(cfg:VQConfig)->dict:
     "The diffusers `VQModel` config of `cfg` (beta and legacy under the private key `_klvae`)"
     attn = [cfg.resolution // 2**i in cfg.attn_resolutions for i in range(len(cfg.ch_mult))]
-    return {'_class_name': 'VQModel', '_klvae': {'beta': cfg.beta, 'legacy': cfg.legacy}, **_VQ_DIFFUSERS_DEFAULTS,
+    return {'_class_name': 'VQModel', '_klvae': {'beta': cfg.beta, 'legacy': cfg.legacy, **({'resample_shortcut': True} if cfg.resample_shortcut else {})}, **_VQ_DIFFUSERS_DEFAULTS,
             'in_channels': cfg.in_channels, 'out_channels': cfg.out_ch,
             'down_block_types': [_BLOCK_TYPES['down_block_types'][a] for a in attn],
             'up_block_types': [_BLOCK_TYPES['up_block_types'][a] for a in attn[::-1]],
