@@ -58,18 +58,22 @@ def _check_f8(choice:ModelChoice)->ModelChoice:
                          f"f={cfg.downsample_factor} and {cfg.embed_dim} channels. Pass a kl-f8-shaped model: load_explorer_model(path), MODEL_PATH in the notebook.")
     return choice
 
-def load_explorer_model(path:str|Path|None=None, # any `from_pretrained` file or folder; None: newest demo export
+def load_explorer_model(path:str|Path|None=None, # any `from_pretrained` file or folder; None: the demo model
                         preset:str='tiny',        # random-weights fallback: a preset of `klvae.model.PRESETS`
                         seed:int=0                # seed of the random weights
                        )->ModelChoice:
-    "The model to explore: `path`, else the newest demo export; random weights under tests or when there is none"
+    "The model to explore: `path`, else the demo model `make demo` committed (reports/demo-vae), else the newest demo export; random weights under tests"
     if path is not None:
         return _check_f8(ModelChoice(AutoencoderKL.from_pretrained(path).eval(), f'weights from {shown_path(path)}', shown_path(path), True))
-    export = None if in_test() else newest_demo_export()
+    committed = get_settings().reports_path/'demo-vae'   # fp16, written by `make demo` beside demo.html: there on a fresh clone
+    export = None if in_test() else committed if (committed/'config.json').is_file() else newest_demo_export()
     if export is not None:
-        return _check_f8(ModelChoice(AutoencoderKL.from_pretrained(export).eval(),
-                                     f'the newest `make demo` export, {shown_path(export)}', shown_path(export), True))
-    why = 'under tests' if in_test() else f'no `make demo` export under {shown_path(get_settings().runs_path)}/*/vae'
+        what = 'the demo model' if export == committed else 'the newest `make demo` export'
+        return _check_f8(ModelChoice(AutoencoderKL.from_pretrained(export).eval(), f'{what}, {shown_path(export)}', shown_path(export), True))
+    if not in_test():   # a page never shows random weights as if they were a model
+        raise FileNotFoundError(f"no trained model to explore: neither {shown_path(committed)} nor a `make demo` export under "
+                                f"{shown_path(get_settings().runs_path)}/*/vae exists. Run `make demo`, or pass path= (MODEL_PATH) a trained model")
+    why = 'under tests'
     torch.manual_seed(seed)
     model = AutoencoderKL(PRESETS[preset]).eval()
     return _check_f8(ModelChoice(model, f'random weights, plumbing only ({preset!r} preset, seed {seed}; {why})',

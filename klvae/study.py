@@ -19,8 +19,8 @@ Docs: https://github.com/klvae/klvae/study.html.md"""
 # %% auto #0
 __all__ = ['SCALES', 'STUDIES', 'HINGE_ARMS', 'TABLE8_MODELS', 'DEMO_CANDIDATES', 'DEMO_REFERENCE', 'Study', 'differing',
            'seeded', 'study_dirs', 'run_state', 'train_command', 'StudyResults', 'load_model', 'describe', 'StaleStudy',
-           'study_digest', 'study_status', 'run_study', 'load_results', 'seed_bands', 'hinge_vs_vanilla', 'table8',
-           'table8_eval', 'sweep_budget', 'demo_sweep', 'main']
+           'study_digest', 'study_status', 'study_plan', 'run_study', 'load_results', 'seed_bands', 'hinge_vs_vanilla',
+           'table8', 'table8_eval', 'sweep_budget', 'demo_sweep', 'main']
 
 # %% ../nbs/08_study.ipynb #97410ad6
 import argparse, hashlib, json, os, re, shutil, subprocess, sys, time
@@ -182,16 +182,24 @@ def study_status(study:Study)->tuple[str, str]:
     return 'stale', (f"study {study.name} ({study.scale}): stale: {_changes(have, want)}. Retrain it with `klvae-study {study.name} --scale "
                      f"{study.scale}` or `make reports RERUN=1 SCALE={study.scale}`")
 
+def study_plan(study:Study, rerun:bool|None=None)->tuple[str, str]:
+    "What `run_study` will do: 'reuse' the cache, 'train' (asked for, or a `ci` study never run) or 'stop' (stale, not asked), and why"
+    rerun = os.environ.get('KLVAE_RERUN', '') == '1' if rerun is None else rerun
+    state, msg = study_status(study)
+    if state == 'reused' and not rerun: return 'reuse', msg
+    if state == 'reused' or rerun: return 'train', f"study {study.name} ({study.scale}): rerun asked for; {msg.split(': ', 1)[1]}"
+    if study.scale == 'ci' and not (study_dirs(study)[1]/'digest.json').is_file(): return 'train', msg   # seconds; nothing cached yet
+    return 'stop', msg
+
 def run_study(study:Study, progress:bool=True,
               rerun:bool|None=None,   # train what the cache lacks; None: KLVAE_RERUN=1 asks for it (`make reports RERUN=1`, `make test`)
              )->StudyResults:
     "The study's tables: its cached results when they match its digest; else (on request, or a `ci` study never run) train, reuse or resume every run, measure, cache"
     runs_dir, out = study_dirs(study)
-    rerun = os.environ.get('KLVAE_RERUN', '') == '1' if rerun is None else rerun
-    state, msg = study_status(study)
-    if state == 'reused' and not rerun: print(msg); return load_results(study.name, study.scale)
-    fresh_ci = study.scale == 'ci' and not (out/'digest.json').is_file()   # seconds of training, nothing cached yet
-    if state == 'stale' and not (rerun or fresh_ci): raise StaleStudy(msg)
+    plan, msg = study_plan(study, rerun)
+    if plan == 'stop': raise StaleStudy(msg)
+    print(msg)
+    if plan == 'reuse': return load_results(study.name, study.scale)
     metrics, m_note = available_metrics()
     images, runs, logs, protocol = [], [], [], ''
     for label, cfg in tqdm(study.configs.items(), desc=f'study {study.name} ({study.scale})', disable=not progress):
