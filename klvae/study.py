@@ -321,6 +321,8 @@ def hinge_vs_vanilla(scale:str='ci')->Study:
     return Study('hinge-vs-vanilla', seeded(configs, seeds), scale, heldout_size=64 if scale == 'report' else 0,
                  factor=('disc_loss', 'disc_start'))
 
+STUDIES['hinge-vs-vanilla'] = hinge_vs_vanilla
+
 
 # %% ../nbs/08_study.ipynb #t8code01
 TABLE8_MODELS = {   # label -> (model at ci and report scale, model at full scale, recipe): f=8 and 4 latent channels in every arm

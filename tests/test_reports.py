@@ -84,3 +84,21 @@ def test_pages_render_offline_in_chromium(built, browser):
         assert requested == [], f"pages tried to fetch {requested}"
     finally:
         context.close()
+
+
+def test_a_stale_study_stops_the_build_before_anything_runs(tmp_path):
+    "Cached results whose digest no longer matches the study's configs: `make reports` names the study and the command, executes nothing"
+    cache = tmp_path/'runs'/'studies'/'table8'/'ci'/'_results'   # ci results live under the runs folder
+    cache.mkdir(parents=True)
+    (cache/'runs.csv').write_text('run\nKL-f8 seed=0\n')
+    from klvae.study import study_digest, table8
+    old = study_digest(table8('ci'))
+    old['runs']['KL-f8 seed=0'] = 'an older config'; old['digest'] = 'olderdigest0'
+    (cache/'digest.json').write_text(__import__('json').dumps(old))
+    env = {**os.environ, 'KLVAE_RUNS_PATH': str(tmp_path/'runs'), 'KLVAE_REPORTS_PATH': str(tmp_path/'reports'), 'KLVAE_RERUN': ''}
+    r = subprocess.run([sys.executable, '-m', 'klvae.report', '--scale', 'ci', '--out', str(tmp_path/'out')], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "study table8 (ci): stale: KL-f8 seed=0's config changed. Retrain it with `klvae-study table8 --scale ci`" in r.stdout + r.stderr
+    assert 'executing' not in r.stdout and not (tmp_path/'out').exists()   # nothing ran, nothing was written
+    assert not (tmp_path/'runs'/'studies'/'table8'/'ci'/'KL-f8_seed=0').exists()   # and nothing trained

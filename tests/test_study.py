@@ -9,7 +9,8 @@ STUDY = textwrap.dedent('''
     from klvae.study import Study, run_study
     from klvae.train import train_config
     s = Study('killed', {'slow': train_config('ci', perceptual='off', steps=40, disc_start=2, ckpt_every=2, val_every=0)})
-    print(run_study(s, progress=False).runs[['run', 'state']].to_json(orient='records'))
+    res = run_study(s, progress=False, rerun=RERUN)
+    print(res.runs.query("kind == 'arm'")[['run', 'state']].to_json(orient='records'))
 ''')
 
 
@@ -21,7 +22,7 @@ def env_for(tmp):
 def test_killed_study_resumes_and_a_finished_one_trains_nothing(tmp_path):
     env = env_for(tmp_path)
     folder = tmp_path/'runs'/'studies'/'killed'/'ci'/'slow'
-    p = subprocess.Popen([sys.executable, '-c', STUDY], cwd=ROOT, env=env, start_new_session=True,
+    p = subprocess.Popen([sys.executable, '-c', 'RERUN = True' + STUDY], cwd=ROOT, env=env, start_new_session=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while not (folder/'checkpoints'/'step_0000004').is_dir():   # a few checkpoints in: kill the study and its trainer
@@ -29,19 +30,23 @@ def test_killed_study_resumes_and_a_finished_one_trains_nothing(tmp_path):
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL); p.wait()
     assert not (folder/'vae').exists()
-    out = subprocess.run([sys.executable, '-c', STUDY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, '-c', 'RERUN = True' + STUDY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [{'run': 'slow', 'state': 'resume'}]
     steps = [json.loads(l)['step'] for l in (folder/'log.jsonl').read_text().splitlines() if 'trains' in json.loads(l)]
     assert steps == list(range(1, 41)), "the resumed run repeats or skips steps"
-    again = subprocess.run([sys.executable, '-c', STUDY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, '-c', 'RERUN = True' + STUDY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert json.loads(again.stdout.strip().splitlines()[-1]) == [{'run': 'slow', 'state': 'done'}]
+    cached = subprocess.run([sys.executable, '-c', 'RERUN = False' + STUDY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert 'study killed (ci): reused (digest ' in cached.stdout, cached.stdout + cached.stderr[-2000:]   # the cache, nothing trained
+    assert json.loads(cached.stdout.strip().splitlines()[-1]) == [{'run': 'slow', 'state': 'done'}]
     runs = pd.read_csv(tmp_path/'runs'/'studies'/'killed'/'ci'/'_results'/'runs.csv')
     for c in ('run', 'seed', 'model', 'parameters', 'steps', 'batch', 'lr', 'precision', 'train_minutes', 'machine', 'state',
               '32² crops psnr', '32² crops psnr std', '256² center ssim'):
         assert c in runs, c
     images = pd.read_csv(tmp_path/'runs'/'studies'/'killed'/'ci'/'_results'/'images.csv')
-    assert list(images.groupby('set').size().items()) == [('256² center', 2), ('32² crops', 32)]
+    assert list(images.groupby('set').size().items()) == [('256² center', 2*4), ('32² crops', 32*4)]   # the run, mean colour, bicubic, untrained
+    assert sorted(runs['kind']) == ['arm', 'baseline', 'baseline', 'baseline']
 
 
 def test_klvae_study_cli(tmp_path):
