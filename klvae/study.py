@@ -201,6 +201,7 @@ def run_study(study:Study, progress:bool=True,
     print(msg)
     if plan == 'reuse': return load_results(study.name, study.scale)
     metrics, m_note = available_metrics()
+    metrics += ('sharpness',)   # what a GAN changes besides PSNR: high-frequency energy relative to the input
     images, runs, logs, protocol = [], [], [], ''
     for label, cfg in tqdm(study.configs.items(), desc=f'study {study.name} ({study.scale})', disable=not progress):
         folder = runs_dir/_slug(label)
