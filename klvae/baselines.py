@@ -83,7 +83,8 @@ def gate(arm:pd.DataFrame, baseline:pd.DataFrame, margin:float=0.5, metric:str='
 def verdict(a:str, b:str,          # the arms; the paper expects `a` to be ahead of `b`
             runs:dict,             # arm -> list of per-image tables (one per seed, all on the same images)
             baseline:pd.DataFrame, # the same images through bicubic at the arms' f
-            margin:float=0.5, metric:str='psnr')->dict:
+            margin:float=0.5, metric:str='psnr',
+            ahead:str="the paper's direction", behind:str='against the paper')->dict:   # words for the two decided outcomes
     "The study's answer: 'paper', 'opposite' or 'inconclusive', with a sentence computed from the numbers"
     mean_over_seeds = {k: v[0].assign(**{metric: np.mean([t[metric].to_numpy() for t in v], 0)}) for k, v in runs.items()}
     gates = {k: gate(t, baseline, margin, metric) for k, t in mean_over_seeds.items()}
@@ -98,7 +99,7 @@ def verdict(a:str, b:str,          # the arms; the paper expects `a` to be ahead
                         + ('' if gates[k]['lo'] > 0 else ' (interval reaches 0)') for k in under)
         return out | dict(outcome='inconclusive', sentence=f"Inconclusive: under-trained ({far}). {stat}.")
     agree = all(s > 0 for s in seeds) or all(s < 0 for s in seeds)
-    if d['lo'] > 0 and agree: return out | dict(outcome='paper', sentence=f"{a} ahead of {b}, the paper's direction: {stat}.")
-    if d['hi'] < 0 and agree: return out | dict(outcome='opposite', sentence=f"{b} ahead of {a}, against the paper: {stat}.")
+    if d['lo'] > 0 and agree: return out | dict(outcome='paper', sentence=f"{a} ahead of {b}, {ahead}: {stat}.")
+    if d['hi'] < 0 and agree: return out | dict(outcome='opposite', sentence=f"{b} ahead of {a}, {behind}: {stat}.")
     why = 'the interval includes 0' if d['lo'] <= 0 <= d['hi'] else 'the seeds disagree in sign'
     return out | dict(outcome='inconclusive', sentence=f"Inconclusive: {why}. {stat}.")
