@@ -502,9 +502,12 @@ def path_chart(table:pd.DataFrame)->go.Figure:
 
 def write_static_page(path:str|Path, # the .html file to write
                       parts:list,    # '## heading' strings, text paragraphs, DataFrames and plotly figures, in order
-                      title:str='klvae: the latent explorer (static page)')->Path:
-    "One self-contained HTML page that works offline: plotly.js is inlined once, images are data URIs"
-    body, js = [], True
+                      title:str='klvae: the latent explorer (static page)',
+                      plotly_src:str='',  # a plotly.min.js beside the page (reports/assets, shared by every page); '' inlines it once
+                      index:str='',       # the reports index to link back to
+                     )->Path:
+    "One HTML page that works offline: plotly.js from `plotly_src` or inlined once, images as data URIs"
+    body, js = [], not plotly_src
     for p in parts:
         if isinstance(p, go.Figure):
             body.append(p.to_html(full_html=False, include_plotlyjs=js, auto_play=False, config=dict(displaylogo=False))); js = False
@@ -514,8 +517,10 @@ def write_static_page(path:str|Path, # the .html file to write
     style = ('body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}'
              'table{border-collapse:collapse;font-size:90%}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}')
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style></head>'
-                    f'<body><h1>{html.escape(title)}</h1>\n' + '\n'.join(body) + '\n</body></html>', encoding='utf-8')
+    head = f'<script charset="utf-8" src="{html.escape(plotly_src)}"></script>' if plotly_src else ''
+    back = f'<p><a href="{html.escape(index)}">klvae reports</a></p>' if index else ''
+    path.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style>{head}</head>'
+                    f'<body>{back}<h1>{html.escape(title)}</h1>\n' + '\n'.join(body) + '\n</body></html>', encoding='utf-8')
     return path
 
 # %% ../nbs/12_latent_explorer.ipynb #5ebf48ff

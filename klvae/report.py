@@ -165,11 +165,12 @@ def _exporter()->HTMLExporter:
     return e
 
 # %% ../nbs/13_reports.ipynb #8ca1a234
-_HEADER = re.compile(r'<header class="klvae">.*?</header>', re.S)
+_HEADER, _SECONDS = re.compile(r'<header class="klvae">.*?</header>', re.S), re.compile(r'\b\d+(?:\.\d+)? s\b')
 
 def same_page(a:str, b:str)->bool:
-    "Whether two pages are equal apart from their header line (the date and commit of the build)"
-    return _HEADER.sub('', a) == _HEADER.sub('', b)
+    "Whether two pages are equal apart from their header line (the date and commit of the build) and durations in seconds (this machine's timings)"
+    norm = lambda t: _SECONDS.sub('… s', _HEADER.sub('', t))
+    return norm(a) == norm(b)
 
 def write_page(out:Path, text:str)->bool:
     "Write `out` unless it already holds the same page apart from its header (so a rebuild of equal pages leaves git clean); True if written"
