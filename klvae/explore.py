@@ -510,7 +510,8 @@ def write_static_page(path:str|Path, # the .html file to write
     body, js = [], not plotly_src
     for p in parts:
         if isinstance(p, go.Figure):
-            body.append(p.to_html(full_html=False, include_plotlyjs=js, auto_play=False, config=dict(displaylogo=False))); js = False
+            body.append(p.to_html(full_html=False, include_plotlyjs=js, auto_play=False, config=dict(displaylogo=False),
+                                  div_id=f'klvae-fig{len(body)}')); js = False   # ids by place: a rebuild of the same page is the same bytes
         elif isinstance(p, pd.DataFrame): body.append(p.to_html(float_format=lambda v: f'{v:.3g}', border=0))
         elif isinstance(p, str) and p.startswith('## '): body.append(f'<h2>{html.escape(p[3:])}</h2>')
         else: body.append(f'<p>{html.escape(str(p))}</p>')
