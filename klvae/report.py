@@ -166,10 +166,11 @@ def _exporter()->HTMLExporter:
 
 # %% ../nbs/13_reports.ipynb #8ca1a234
 _HEADER, _SECONDS = re.compile(r'<header class="klvae">.*?</header>', re.S), re.compile(r'\b\d+(?:\.\d+)? s\b')
+_DIGITS = re.compile(r'(\d\.\d{3})\d+')   # a figure's digits past the third decimal (plotly's JSON keeps all 17)
 
 def same_page(a:str, b:str)->bool:
-    "Whether two pages are equal apart from their header line (the date and commit of the build) and durations in seconds (this machine's timings)"
-    norm = lambda t: _SECONDS.sub('… s', _HEADER.sub('', t))
+    "Whether two pages are equal apart from their header (date and commit of the build), durations in seconds (this machine's timings) and digits past a figure's third decimal (a CPU's float rounding)"
+    norm = lambda t: _DIGITS.sub(r'\1', _SECONDS.sub('… s', _HEADER.sub('', t)))
     return norm(a) == norm(b)
 
 def write_page(out:Path, text:str)->bool:
