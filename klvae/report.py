@@ -27,7 +27,7 @@ import plotly.io as pio
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import ExecutePreprocessor, Preprocessor
 from nbconvert.filters.markdown import markdown2html
-from .config import get_settings, cpu_name
+from .config import get_settings, cpu_name, shown_path
 
 # %% ../nbs/13_reports.ipynb #38632552
 COMPANIONS = ('10_table8.ipynb', '11_hinge_vs_vanilla.ipynb', '12_latent_explorer.ipynb')
@@ -268,6 +268,9 @@ def build_reports(scale:str='report',   # 'ci' (minutes) or 'report' (the commit
     for _, msg in plans: print(msg, flush=True)
     if stop := [m for p, m in plans if p == 'stop']:   # before anything runs: a stale study never retrains unasked
         raise StaleStudy(f"{len(stop)} stale {'study' if len(stop) == 1 else 'studies'}; nothing was executed or retrained:\n" + '\n'.join(stop))
+    if scale == 'report' and not (s.reports_path/'demo-vae'/'config.json').is_file():   # the explorer's model: never random weights on a page
+        raise FileNotFoundError(f"the latent explorer's page needs the demo's model, {shown_path(s.reports_path/'demo-vae')}, which `make demo` "
+                                "writes: run `make demo` first (about 10 minutes on 2 cores), then `make reports`")
     out.mkdir(parents=True, exist_ok=True)
     commit, (comp, libs) = git_commit(s.root), notebooks()
     write_assets(out/'assets')   # one plotly.js and one style sheet for every page, not one copy each
@@ -314,7 +317,7 @@ def main(argv:list|None=None):
     try:
         if not a.check: return build_reports(a.scale, a.out, not a.no_library, a.rerun or None)
         differ = check_reports(a.scale)
-    except StaleStudy as e: sys.exit(f"make reports: {e}")
+    except (StaleStudy, FileNotFoundError) as e: sys.exit(f"make reports: {e}")
     print('\n'.join(differ) if differ else f"reports-check: every page equals the one rebuilt from the committed results (scale {a.scale})")
     if differ: sys.exit(f"reports-check: {len(differ)} pages differ from a rebuild of the committed results")
 
