@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from .config import get_settings, in_test, cpu_name, shown_path
 from .model import AutoencoderKL, PRESETS
 from .data import PHOTOS, load_photo, to_tensor, to_uint8, to_rgb, resize_short_side
-from .metrics import psnr
+from .metrics import psnr, hf_energy
 from . import checkpoints  # attaches AutoencoderKL.from_pretrained
 
 # %% ../nbs/12_latent_explorer.ipynb #9e8c9af9
@@ -178,11 +178,9 @@ def crossfade(xa:torch.Tensor, xb:torch.Tensor, ts)->torch.Tensor:
     t = torch.as_tensor(np.asarray(ts), dtype=xa.dtype).view(-1, 1, 1, 1)
     return (1 - t)*xa + t*xb
 
-_LAPLACE = torch.tensor([[0., 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3)
-
 def sharpness(x:torch.Tensor)->torch.Tensor:
-    "Mean |Laplacian| of the 8-bit grey image, one value per image (N, 3, H, W): lower is blurrier"
-    return F.conv2d(to_uint8(x).float().mean(1, keepdim=True), _LAPLACE).abs().mean((1, 2, 3))
+    "High-frequency energy of the 8-bit images (N, 3, H, W), one value per image (`klvae.metrics.hf_energy`, as the studies' sharpness): lower is blurrier"
+    return hf_energy(to_uint8(x)).float()
 
 # %% ../nbs/12_latent_explorer.ipynb #73c200ee
 @dataclass

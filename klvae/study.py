@@ -136,7 +136,8 @@ def _evaluation_code()->str:
 def _measure(label, cfg, folder, metrics, size=0):
     "Per-image metrics of a finished run on the held-out sets (crops of `size`, else of the training size); cached in the run folder for the same sets, export, metrics and code"
     size = size or cfg.resolution
-    key = dict(metrics=list(metrics), crops=size, export=(folder/'vae'/'config.json').stat().st_mtime_ns, code=_evaluation_code())
+    key = dict(metrics=list(metrics), crops=size, export=(folder/'vae'/'config.json').stat().st_mtime_ns, code=_evaluation_code(),
+               image='photo name')   # rows name their photo: crops of one photo are one unit of the statistics
     cache = folder/'heldout.json'
     if cache.is_file() and (c := json.loads(cache.read_text()))['key'] == key:
         d = pd.read_csv(folder/'heldout.csv')
@@ -146,7 +147,7 @@ def _measure(label, cfg, folder, metrics, size=0):
     extra = describe(model) | dict(parameters=sum(p.numel() for p in model.parameters()))
     for set_name, ds in heldout_sets(size, cfg.zoom or None, cfg.val_data).items():
         df = evaluate(model, ds, metrics=metrics, progress=False)
-        rows.append(df.assign(run=label, set=set_name, image=range(len(df))))
+        rows.append(df.assign(run=label, set=set_name))   # `image`: the photo each crop comes from
         for k, v in df.attrs.get('codebook', {}).items():
             if k != 'n_embed': extra[f'{set_name} codes {k}'] = v
     per_image, protocol = pd.concat(rows, ignore_index=True), df.attrs.get('protocol', '')
@@ -254,14 +255,17 @@ def _baselines(study:Study, metrics)->pd.DataFrame:
     for label, c in study.configs.items():
         name = f"untrained {label.rsplit(' seed=', 1)[0]}"
         if name not in models: torch.manual_seed(c.seed); models[name] = build_model(c.model, c.width).eval()
-    rows = [evaluate(m, ds, metrics=metrics, progress=False).assign(run=k, set=s, image=lambda d: range(len(d)))
+    rows = [evaluate(m, ds, metrics=metrics, progress=False).assign(run=k, set=s)
             for k, m in models.items() for s, ds in sets.items()]
     return pd.concat(rows, ignore_index=True)
 
 def _reconstructions(study:Study, path:Path, n:int=8):
-    "One PNG: the first `n` held-out crops (top row), then bicubic at the first arm's f, then each arm's first seed, one row each"
+    "One PNG: a held-out crop of each of the first `n` photos (top row), then bicubic at the first arm's f, then each arm's first seed, one row each"
     cfg, sets = _heldout(study)
-    x = torch.stack([sets[next(iter(sets))][i] for i in range(min(n, len(sets[next(iter(sets))])))])
+    ds = sets[next(iter(sets))]
+    first = {}   # the first crop of each photo
+    for i in range(len(ds)): first.setdefault(ds.item_name(i) if hasattr(ds, 'item_name') else i, i)
+    x = torch.stack([ds[i] for i in list(first.values())[:n]])
     firsts = {}
     for label in study.configs: firsts.setdefault(label.rsplit(' seed=', 1)[0], label)
     with torch.no_grad():
