@@ -15,9 +15,9 @@ Docs: https://github.com/klvae/klvae/latent_explorer.html.md"""
 # %% auto #0
 __all__ = ['INTERPOLATIONS', 'T_GRID', 'ModelChoice', 'newest_demo_export', 'load_explorer_model', 'center_crop', 'photo_crop',
            'upload_crop', 'Endpoint', 'encode_endpoint', 'setup_table', 'lerp', 'slerp', 'latent_path', 'decode_path',
-           'crossfade', 'sharpness', 'PathResult', 'measure_path', 'mask_channels', 'channel_stats', 'NewestWorker',
-           'latent_heatmaps', 'stats_figure', 'jpeg_bytes', 'Explorer', 'image_uri', 'static_path_figure', 'path_chart',
-           'write_static_page', 'conclusion']
+           'crossfade', 'sharpness', 'PathResult', 'measure_path', 'pair_sample', 'scaled_means', 'midpoints',
+           'latent_premise', 'mask_channels', 'channel_stats', 'NewestWorker', 'latent_heatmaps', 'stats_figure',
+           'jpeg_bytes', 'Explorer', 'image_uri', 'static_path_figure', 'path_chart', 'write_static_page', 'conclusion']
 
 # %% ../nbs/12_latent_explorer.ipynb #6e591311
 import html, io, threading, time, traceback, zlib
@@ -212,6 +212,37 @@ def measure_path(model:AutoencoderKL, a:Endpoint, b:Endpoint, n:int=9, modes=('l
     table = pd.DataFrame(rows)
     table.attrs['reference'] = "PSNR against the pixel cross-fade of the endpoints' reconstructions; sharpness relative to the endpoints' mean"
     return PathResult(ts, zs, xs, ends, (a.name, b.name), table)
+
+# %% ../nbs/12_latent_explorer.ipynb #pairs002
+def pair_sample(names:list, n:int=30, seed:int=0)->list[tuple[str, str]]:
+    "A fixed random sample of `n` unordered pairs of `names` (every pair when there are fewer), in a reproducible order"
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    if len(pairs) <= n: return pairs
+    return [pairs[i] for i in sorted(np.random.default_rng(seed).choice(len(pairs), n, replace=False))]
+
+@torch.inference_mode()
+def scaled_means(model:AutoencoderKL, images:dict)->dict:
+    "name -> the scaled posterior mean (1, C, h, w) of each image (1, 3, H, W)"
+    return {k: model.scale_latents(model.encode(x).mean.float()) for k, x in images.items()}
+
+def midpoints(model:AutoencoderKL, z:dict, pairs:list, t:float=0.5)->pd.DataFrame:
+    "Per pair and mode, the point t of the path between scaled latents `z[a]`, `z[b]`: PSNR to the cross-fade, sharpness and norm relative to the endpoints"
+    rows = []
+    for a, b in pairs:
+        ends = decode_path(model, torch.cat([z[a], z[b]]))
+        fade, ref, n_ends = crossfade(ends[:1], ends[1:], [t]), sharpness(ends).mean().item(), (z[a].norm() + z[b].norm()).item()/2
+        for mode, f in INTERPOLATIONS.items():
+            zt = f(z[a], z[b], t); x = decode_path(model, zt)
+            rows.append(dict(pair=f'{a} → {b}', mode=mode, psnr_vs_crossfade=psnr(fade, x)[0].item(), sharpness=sharpness(x)[0].item()/ref,
+                             crossfade_sharpness=sharpness(fade)[0].item()/ref, latent_norm=zt.norm().item()/n_ends))
+    return pd.DataFrame(rows)
+
+def latent_premise(z:dict)->dict:
+    "Slerp's premise on scaled latents `z` (name -> (1, C, h, w)): per-channel mean and std, and each latent's norm over √d"
+    zz = torch.cat(list(z.values())).double()
+    per = zz.transpose(0, 1).flatten(1)
+    return dict(channel_mean=per.mean(1).tolist(), channel_std=per.std(1).tolist(), d=zz[0].numel(),
+                norm_over_sqrt_d=(zz.flatten(1).norm(dim=1)/zz[0].numel()**0.5).tolist())
 
 # %% ../nbs/12_latent_explorer.ipynb #a7765fe5
 def mask_channels(z:torch.Tensor, keep)->torch.Tensor:
