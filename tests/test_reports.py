@@ -51,7 +51,7 @@ def test_every_page_is_written_clean_and_small(built):
     index = (out/'index.html').read_text()
     for c in COMPANIONS: assert f"href='{c}.html'" in index
     # key figures come from each companion's `#| summary` cell and the demo's computed table
-    assert 'KL ' in index and 'dB' in index and 'held-out' in index
+    assert 'KL-f8 against VQ-f8' in index and 'dB' in index and 'held-out' in index and 'Hinge against vanilla' in index
     t8 = (out/'10_table8.html').read_text()
     assert 'executed at scale <b>ci</b>' in t8 and '<details class="klvae-code">' in t8 and t8.count('Plotly.newPlot') >= 1
 
