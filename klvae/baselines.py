@@ -96,7 +96,7 @@ def verdict(a:str, b:str,          # the arms; the paper expects `a` to be ahead
             f"per seed {', '.join(f'{s:+.2f}' for s in seeds)}")
     if under:
         far = '; '.join(f"{k} {gates[k]['mean']:+.2f} dB against bicubic, {gates[k]['short']:.2f} dB short of the +{margin} dB gate"
-                        + ('' if gates[k]['lo'] > 0 else ' (interval reaches 0)') for k in under)
+                        + ('' if gates[k]['lo'] > 0 else ' (interval includes 0)' if gates[k]['hi'] >= 0 else ' (interval below 0)') for k in under)
         return out | dict(outcome='inconclusive', sentence=f"Inconclusive: under-trained ({far}). {stat}.")
     agree = all(s > 0 for s in seeds) or all(s < 0 for s in seeds)
     if d['lo'] > 0 and agree: return out | dict(outcome='paper', sentence=f"{a} ahead of {b}, {ahead}: {stat}.")
