@@ -277,7 +277,7 @@ def build_reports(scale:str='report',   # 'ci' (minutes) or 'report' (the commit
     todo = [(p, out/f'{p.stem}.html', scale) for p in comp] + ([(p, out/'docs'/f'{p.stem}.html', None) for p in libs] if library else [])
     entries, t00 = [], time.time()
     env = {k: os.environ.get(k) for k in ('KLVAE_RERUN', 'KLVAE_REPORT_OUT')}
-    os.environ.update(KLVAE_RERUN='1' if rerun else '0', KLVAE_REPORT_OUT=str(out))   # the kernels inherit both
+    os.environ.update(KLVAE_RERUN='1' if rerun else '0', KLVAE_REPORT_OUT=str(out.resolve()))   # the kernels (cwd nbs/) inherit both
     try:
         for i, (p, page, sc) in enumerate(todo, 1):
             t0 = time.time()
