@@ -12,7 +12,7 @@ Modules:
 - `klvae.config`: The workbench's settings: where data, runs, reports and weight files live, read once from `settings.ini` and the environment.
 - `klvae.data`: Training and evaluation images as float tensors in [-1, 1]: the photographs shipped with scikit-image, any folder of images, and OpenImages v7.
 - `klvae.demo`: `make demo`: train the `cpu` preset on the embedded photos, measure the held-out photos, and write a training report to `reports/demo.html`.
-- `klvae.explore`: Widgets over the 32×32×4 latent space of an f=8 KL autoencoder: walk between two photos linearly or on the sphere, and watch what the decoder makes of the points in between.
+- `klvae.explore`: The pieces behind the latent explorer (the companion page `12_latent_explorer`): the model it runs, endpoints, lerp and slerp paths and what they decode to, pairs of photos, channel statistics, a worker where the newest request wins, the widgets, and the offline page.
 - `klvae.losses`: Reconstruction, LPIPS, KL and adversarial losses of the KL autoencoder, the PatchGAN discriminator, and which network each step trains.
 - `klvae.metrics`: PSNR, SSIM, LPIPS and rFID of reconstructions under the Table 8 protocol, and `evaluate()` returning one row per image.
 - `klvae.model`: Encoder, decoder and diagonal-Gaussian posterior of the KL-f8 autoencoder, weight-compatible with CompVis and Stable Diffusion.

@@ -3,7 +3,8 @@ drag must redraw the decoded image, no cell may fail; and the static page must r
 
 Needs Debian's chromium (`apt-get install chromium`) and the `playwright` Python package (the dev extra); playwright's
 own browser download is not used. Without chromium the tests are skipped, or fail when KLVAE_REQUIRE_BROWSER=1 (CI).
-KLVAE_SCREENSHOT=path.png saves the explorer's screenshot (the one shown in the notebook) to that file."""
+KLVAE_SCREENSHOT=path.png saves the explorer's screenshot to that file, and what the run measured to path.json: the companion
+page shows nbs/images/latent_explorer.png with its caption from nbs/images/latent_explorer.json."""
 import io, json, os, re, shutil, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
@@ -141,13 +142,20 @@ def test_explorer_in_jupyterlab(browser, lab, tmp_path):
         released, t_after = time.time(), readout.inner_text()
         assert t_after != t_before, f"the slider did not move (t still {t_before})"
         _wait_for(lambda: f'decoded at t = {t_after}' in explorer.inner_text(), 60, f'the image decoded at t = {t_after}', interval=0.05)
-        print(f"browser: t {t_before} -> {t_after}, the image decoded at the new t shown {time.time() - released:.2f} s after the mouse was released")
+        redraw_s = time.time() - released
+        print(f"browser: t {t_before} -> {t_after}, the image decoded at the new t shown {redraw_s:.2f} s after the mouse was released")
         after = _wait_for(lambda: _image_data(page, 'img.klvae-decoded'), 30, 'the new decoded image')
         assert after != before, 'the decoded image did not change when t moved'
 
         shot = explorer.screenshot()
         _save_screenshot(shot, tmp_path/'explorer.png')
-        if os.environ.get('KLVAE_SCREENSHOT'): _save_screenshot(shot, Path(os.environ['KLVAE_SCREENSHOT']))
+        if os.environ.get('KLVAE_SCREENSHOT'):   # the companion page shows it with what this run measured (PATH.json beside PATH.png)
+            from datetime import datetime, timezone
+            from klvae.config import cpu_name
+            from klvae.explore import load_explorer_model
+            path = Path(os.environ['KLVAE_SCREENSHOT']); _save_screenshot(shot, path)
+            path.with_suffix('.json').write_text(json.dumps(dict(model=load_explorer_model().label, t_before=t_before, t_after=t_after,
+                redraw_s=round(redraw_s, 3), machine=cpu_name(), date=datetime.now(timezone.utc).strftime('%Y-%m-%d')), indent=1))
     finally:
         page.close()
 

@@ -33,7 +33,7 @@ def test_every_page_is_written_clean_and_small(built):
     assert {*COMPANIONS, 'index', 'demo'} <= names, names
     assert (out/'assets'/'plotly.min.js').stat().st_size > 1e6 and (out/'assets'/'lab.css').stat().st_size > 1e5
     docs = {p.stem for p in (out/'docs').glob('*.html')}
-    assert {'01_model', '05a_vq', '08_study', '13_reports'} <= docs and not docs & set(COMPANIONS)
+    assert {'01_model', '05a_vq', '08_study', '09_explore', '13_reports'} <= docs and not docs & set(COMPANIONS)
     for c in COMPANIONS: assert re.search(rf'\[\d+/\d+\] {c}\.ipynb: executing at scale ci', log)   # progress per notebook
     for p in pages(out):
         text = p.read_text()
