@@ -18,10 +18,10 @@ Docs: https://github.com/klvae/klvae/study.html.md"""
 
 # %% auto #0
 __all__ = ['SCALES', 'STUDIES', 'HINGE_ARMS', 'PRE_GAN', 'TABLE8_MODELS', 'DEMO_CANDIDATES', 'DEMO_REFERENCE', 'Study',
-           'differing', 'seeded', 'study_dirs', 'run_state', 'train_command', 'StudyResults', 'load_model', 'describe',
-           'StaleStudy', 'study_digest', 'study_status', 'study_plan', 'run_study', 'load_results', 'seed_bands',
-           'val_baselines', 'arm_of', 'interval', 'Arms', 'hinge_vs_vanilla', 'table8', 'table8_eval', 'sweep_budget',
-           'demo_sweep', 'main']
+           'differing', 'seeded', 'arm_of', 'study_dirs', 'run_state', 'train_command', 'StudyResults', 'load_model',
+           'describe', 'StaleStudy', 'study_digest', 'study_status', 'study_plan', 'run_study', 'load_results',
+           'seed_bands', 'val_baselines', 'interval', 'Arms', 'hinge_vs_vanilla', 'table8', 'table8_eval',
+           'sweep_budget', 'demo_sweep', 'main']
 
 # %% ../nbs/08_study.ipynb #97410ad6
 import argparse, hashlib, json, os, re, shutil, subprocess, sys, time
@@ -79,6 +79,10 @@ def seeded(configs:dict, # label -> TrainConfig
           )->dict:
     "Every configuration once per seed, labelled 'LABEL seed=S'"
     return {f'{k} seed={s}': replace(c, seed=s) for k, c in configs.items() for s in seeds}
+
+def arm_of(label:str)->str:
+    "A run's arm: its label without the seed"
+    return label.rsplit(' seed=', 1)[0]
 
 def _slug(label:str)->str: return re.sub(r'[^\w.=-]+', '_', label).strip('_')
 
@@ -341,10 +345,6 @@ def val_baselines(cfg:TrainConfig)->dict:
     with torch.no_grad(): return {n: psnr(to_uint8(x), to_uint8(m(x)[0])).mean().item() for n, m in baselines(f).items()}
 
 # %% ../nbs/08_study.ipynb #arms0002
-def arm_of(label:str)->str:
-    "A run's arm: its label without the seed"
-    return label.rsplit(' seed=', 1)[0]
-
 def interval(d, digits:int=2, signed:bool=False)->str:
     "'mean [lo, hi]': of a `paired_difference` dict, or of a Series with the bootstrap interval of its mean"
     if isinstance(d, pd.Series): lo, hi = bootstrap_ci(d.to_numpy()); d = dict(mean=d.mean(), lo=lo, hi=hi)
