@@ -18,10 +18,10 @@ Docs: https://github.com/klvae/klvae/study.html.md"""
 
 # %% auto #0
 __all__ = ['SCALES', 'STUDIES', 'HINGE_ARMS', 'PRE_GAN', 'TABLE8_MODELS', 'DEMO_CANDIDATES', 'DEMO_REFERENCE', 'Study',
-           'differing', 'seeded', 'arm_of', 'study_dirs', 'run_state', 'train_command', 'StudyResults', 'load_model',
-           'describe', 'StaleStudy', 'study_digest', 'study_status', 'study_plan', 'run_study', 'load_results',
-           'seed_bands', 'val_baselines', 'interval', 'Arms', 'hinge_vs_vanilla', 'table8', 'table8_eval',
-           'sweep_budget', 'demo_sweep', 'main']
+           'differing', 'seeded', 'arm_of', 'downsample_factor', 'study_dirs', 'run_state', 'train_command',
+           'StudyResults', 'load_model', 'describe', 'StaleStudy', 'study_digest', 'study_status', 'study_plan',
+           'run_study', 'load_results', 'seed_bands', 'val_baselines', 'interval', 'Arms', 'hinge_vs_vanilla', 'table8',
+           'table8_eval', 'sweep_budget', 'demo_sweep', 'main']
 
 # %% ../nbs/08_study.ipynb #97410ad6
 import argparse, hashlib, json, os, re, shutil, subprocess, sys, time
@@ -53,10 +53,15 @@ class Study:
     heldout_size: int = 0      # crop size of the held-out crops every run is measured on; 0: each run's own training size
     factor: tuple = ()         # the TrainConfig fields the arms may differ in besides the seed (checked); () : not checked
     parents: dict = field(default_factory=dict)   # label -> TrainConfig trained before the arms; an arm whose `init` is a parent's label starts from its model
+    @property
+    def runs(self)->dict:
+        "Every run, parents first: label -> TrainConfig"
+        return {**self.parents, **self.configs}
+
     def __post_init__(self):
         if self.scale not in SCALES: raise ValueError(f"scale must be one of {SCALES}; got {self.scale!r}")
         if not re.fullmatch(r'[\w.-]+', self.name): raise ValueError(f"study name {self.name!r}: letters, digits, '.', '-', '_' only")
-        bad = [k for k, v in {**self.parents, **self.configs}.items() if not isinstance(v, TrainConfig)]
+        bad = [k for k, v in self.runs.items() if not isinstance(v, TrainConfig)]
         if bad or not self.configs: raise ValueError(f"configs and parents must map labels to TrainConfig; {bad or 'no configs given'}")
         if both := set(self.parents) & set(self.configs): raise ValueError(f"study {self.name}: {sorted(both)} is both a parent and an arm")
         if other := differing(self.parents) - {'seed'}:
@@ -83,6 +88,10 @@ def seeded(configs:dict, # label -> TrainConfig
 def arm_of(label:str)->str:
     "A run's arm: its label without the seed"
     return label.rsplit(' seed=', 1)[0]
+
+def downsample_factor(cfg:TrainConfig)->int:
+    "The f of the model `cfg` trains, read from its shape (built on the meta device: no weights)"
+    with torch.device('meta'): return build_model(cfg.model, cfg.width).config.downsample_factor
 
 def _slug(label:str)->str: return re.sub(r'[^\w.=-]+', '_', label).strip('_')
 
@@ -175,7 +184,7 @@ class StaleStudy(RuntimeError):
 def study_digest(study:Study)->dict:
     "What a study's cached results must match: a digest per run config (as requested, before this machine resolves it), of the evaluation code, and their combination"
     h = lambda o: hashlib.sha256(json.dumps(o, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    runs = {label: h(asdict(replace(c, run_dir='', resume=''))) for label, c in {**study.parents, **study.configs}.items()}
+    runs = {label: h(asdict(replace(c, run_dir='', resume=''))) for label, c in study.runs.items()}
     parts = dict(runs=runs, evaluation=_evaluation_code(), heldout_size=study.heldout_size, processes=study.processes)
     return dict(digest=h(parts), **parts)
 
@@ -218,8 +227,8 @@ def run_study(study:Study, progress:bool=True,
     metrics, m_note = available_metrics()
     metrics += ('sharpness',)   # what a GAN changes besides PSNR: high-frequency energy relative to the input
     images, runs, logs, protocol = [], [], [], ''
-    every = [(label, cfg, 'parent') for label, cfg in study.parents.items()] + [(label, cfg, 'arm') for label, cfg in study.configs.items()]
-    for label, cfg, kind in tqdm(every, desc=f'study {study.name} ({study.scale})', disable=not progress):
+    for label, cfg in tqdm(study.runs.items(), desc=f'study {study.name} ({study.scale})', disable=not progress):
+        kind = 'parent' if label in study.parents else 'arm'
         folder = runs_dir/_slug(label)
         cfg = replace(cfg, run_dir=str(folder), resume='')   # train scales it where 'auto' is fp32 on a CPU; run_state compares that
         if cfg.init in study.parents: cfg = replace(cfg, init=str(runs_dir/_slug(cfg.init)/'vae'))   # the parent's model, trained above
@@ -267,12 +276,10 @@ def _baselines(study:Study, metrics)->pd.DataFrame:
     "Per-image rows of the trivial baselines at every f of the study (mean colour, bicubic ×f) and of each arm's untrained model"
     cfg, sets = _heldout(study)
     models = {}
-    for c in study.configs.values():
-        with torch.device('meta'): f = build_model(c.model, c.width).config.downsample_factor   # the shape only, no weights
-        models |= baselines(f)
-    for label, c in {**study.parents, **study.configs}.items():
+    for c in study.configs.values(): models |= baselines(downsample_factor(c))
+    for label, c in study.runs.items():
         if c.init in study.parents: continue   # it starts from its parent's model, not from random weights
-        name = f"untrained {label.rsplit(' seed=', 1)[0]}"
+        name = f"untrained {arm_of(label)}"
         if name not in models: torch.manual_seed(c.seed); models[name] = build_model(c.model, c.width).eval()
     rows = [evaluate(m, ds, metrics=metrics, progress=False).assign(run=k, set=s)
             for k, m in models.items() for s, ds in sets.items()]
@@ -286,9 +293,9 @@ def _reconstructions(study:Study, path:Path, n:int=8):
     for i in range(len(ds)): first.setdefault(ds.item_name(i) if hasattr(ds, 'item_name') else i, i)
     x = torch.stack([ds[i] for i in list(first.values())[:n]])
     firsts = {}
-    for label in {**study.parents, **study.configs}: firsts.setdefault(label.rsplit(' seed=', 1)[0], label)
+    for label in study.runs: firsts.setdefault(arm_of(label), label)
     with torch.no_grad():
-        models = [Bicubic(load_model(study_dirs(study)[0]/_slug(next(iter(firsts.values())))).config.downsample_factor)]
+        models = [Bicubic(downsample_factor(study.runs[next(iter(firsts.values()))]))]
         models += [load_model(study_dirs(study)[0]/_slug(l)).eval() for l in firsts.values()]
         rows = [x] + [m(x)[0].clamp(-1, 1) for m in models]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # (3, rows*H, n*W)
@@ -341,8 +348,7 @@ def val_baselines(cfg:TrainConfig)->dict:
     "Mean PSNR of the trivial baselines at `cfg`'s f on the crops its training run validates on (the `val/psnr` of its log)"
     val = make_dataset(cfg.val_data, cfg, False)
     x = torch.stack([val[i] for i in range(min(cfg.val_images, len(val)))])
-    with torch.device('meta'): f = build_model(cfg.model, cfg.width).config.downsample_factor
-    with torch.no_grad(): return {n: psnr(to_uint8(x), to_uint8(m(x)[0])).mean().item() for n, m in baselines(f).items()}
+    with torch.no_grad(): return {n: psnr(to_uint8(x), to_uint8(m(x)[0])).mean().item() for n, m in baselines(downsample_factor(cfg)).items()}
 
 # %% ../nbs/08_study.ipynb #arms0002
 def interval(d, digits:int=2, signed:bool=False)->str:
