@@ -52,6 +52,7 @@ class TrainConfig:
     recipe: str = 'ldm'             # klvae.losses.RECIPES name: 'ldm' (the paper's config), 'seed' (kl-f8-vae.md), 'vq-f8', ...
     disc_loss: str = ''             # 'hinge' or 'vanilla'; empty: the recipe's (hinge)
     disc_start: int = -1            # first 0-based step with the discriminator on; -1: the recipe's (ldm 50001, seed 50000)
+    disc_weight: float = -1.0       # factor on the adaptive GAN weight; < 0: the recipe's (ldm 0.5, seed 1.0)
     perceptual: str = 'auto'        # LPIPS term: 'on' (needs vgg16-397923af.pth), 'off', or 'auto' (on when the file is found)
     sample_posterior: bool = True   # decode a posterior sample (training as in the paper); false: decode the mean (VQ: no effect)
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
@@ -611,7 +612,8 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     run = _run_folder(cfg, acc)
     recipe = replace(RECIPES[cfg.recipe], **({'disc_loss': cfg.disc_loss} if cfg.disc_loss else {}),
-                     **({'disc_start': cfg.disc_start} if cfg.disc_start >= 0 else {}))
+                     **({'disc_start': cfg.disc_start} if cfg.disc_start >= 0 else {}),
+                     **({'disc_weight': cfg.disc_weight} if cfg.disc_weight >= 0 else {}))
     perceptual, p_note = _perceptual(cfg.perceptual)
     train_data = train_data if train_data is not None else make_dataset(cfg.data, cfg, True)
     val_data = val_data if val_data is not None else make_dataset(cfg.val_data, cfg, False)
