@@ -17,6 +17,7 @@ Modules:
 - `klvae.metrics`: PSNR, SSIM, LPIPS and rFID of reconstructions under the Table 8 protocol, and `evaluate()` returning one row per image.
 - `klvae.model`: Encoder, decoder and diagonal-Gaussian posterior of the KL-f8 autoencoder, weight-compatible with CompVis and Stable Diffusion.
 - `klvae.report`: `make reports`: execute the companion notebooks at a chosen scale and publish them, the demo's training report and the library's notebooks as clean offline HTML pages with an index.
+- `klvae.runs`: Every file klvae reads or writes in a run or study folder stays inside it: no symlink, no hard link, no `..`, atomic writes that never open a path that already exists.
 - `klvae.study`: Run a set of training configurations at equal budget, evaluate each on the same held-out images, cache everything, and compare.
 - `klvae.torchfile`: Read `torch.save` checkpoints (zip and legacy formats) with klvae's own reader: nothing in the file runs, reaches a real object, or costs more than the file holds.
 - `klvae.train`: One training loop for the KL autoencoder, from one CPU to many GPUs and nodes, launched from a notebook or the command line.
