@@ -17,7 +17,7 @@ Docs: https://github.com/klvae/klvae/data.html.md"""
 # %% auto #0
 __all__ = ['PHOTOS', 'VAL_SCENES', 'VAL_PHOTOS', 'IMAGE_EXTENSIONS', 'OPENIMAGES_SPLITS', 'to_tensor', 'to_uint8', 'image_grid',
            'item_generator', 'resize_short_side', 'CropDataset', 'Photo', 'committed_photos', 'load_photo',
-           'EmbeddedPhotos', 'to_rgb', 'list_image_files', 'check_image', 'load_rgb', 'ImageFolder',
+           'EmbeddedPhotos', 'to_rgb', 'list_image_files', 'decode_budget', 'check_image', 'load_rgb', 'ImageFolder',
            'download_openimages']
 
 # %% ../nbs/04_data.ipynb #a296fdc6
@@ -239,17 +239,28 @@ def list_image_files(root:Path)->tuple[list[Path], int]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix()), ignored
 
 # %% ../nbs/04_data.ipynb #6c7ba699
-def check_image(path:Path, max_pixels:int)->str|None:
+def decode_budget(size:int)->int:
+    "The pixels an image may decode to (after JPEG shrink-on-load) when cut into `size`² crops: (8·size)², at least 4096²"
+    return max(4096**2, (8*size)**2)
+
+def _decoded_size(im:Image.Image, draft)->tuple[int, int]:
+    "The size `im` decodes at: a JPEG shrinks on load while its short side stays >= draft(w, h); other formats decode whole"
+    if draft and im.format == 'JPEG': im.draft(im.mode, (draft(*im.size),)*2)   # sets the decoder's scale, reads no pixels
+    return im.size
+
+def check_image(path:Path, max_pixels:int,
+                draft=None  # (w, h) -> the short side the image is resized to, when a JPEG may shrink on load
+               )->str|None:
     "Why the file at `path` cannot be used (from its header), or None when it looks fine"
     if path.stat().st_size == 0: return 'empty file'
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
-            with Image.open(path) as im: w, h = im.size
+            with Image.open(path) as im: w, h = _decoded_size(im, draft)
     except UnidentifiedImageError: return 'not an image'
     except (Image.DecompressionBombError, Image.DecompressionBombWarning): return 'decompression bomb'
     except Exception as e: return f'unreadable header ({type(e).__name__})'
-    return 'decompression bomb' if w*h > max_pixels else None
+    return 'over the pixel budget' if w*h > max_pixels else None
 
 def load_rgb(path:Path,                  # image file
              max_pixels:int=Image.MAX_IMAGE_PIXELS, # refuse images with more pixels (decompression bombs)
@@ -259,8 +270,8 @@ def load_rgb(path:Path,                  # image file
     with warnings.catch_warnings():
         warnings.simplefilter('error', Image.DecompressionBombWarning)
         with Image.open(path) as im:
-            if im.width*im.height > max_pixels: raise ValueError(f"{im.width}x{im.height} exceeds max_pixels={max_pixels}")
-            if draft and im.format == 'JPEG': im.draft(im.mode, (draft, draft))
+            w, h = _decoded_size(im, draft and (lambda w, h: draft))
+            if w*h > max_pixels: raise ValueError(f"{path} decodes to {w}x{h} pixels, over max_pixels={max_pixels:,}")
             im.load()
             return to_rgb(ImageOps.exif_transpose(im))
 
@@ -273,14 +284,15 @@ class ImageFolder(CropDataset):
                  seed:int=0,                  # seed of the per-item crops and flips
                  repeats:int=1,               # items per image per epoch
                  zoom:float|None=1.5,         # training: short side brought to zoom*size when longer; None: native
-                 max_pixels:int=Image.MAX_IMAGE_PIXELS): # larger images are skipped as decompression bombs
+                 max_pixels:int|None=None):   # decoded pixels (after JPEG shrink-on-load) above which an image is skipped;
+                                              # None: decode_budget(size)
         self.root = Path(root).expanduser()
         if not self.root.is_dir(): raise FileNotFoundError(f"ImageFolder: {self.root} is not a folder; give the folder that holds the images.")
-        self.max_pixels = max_pixels
+        self.max_pixels, self.size, self.train, self.zoom = max_pixels or decode_budget(size), size, train, zoom   # short_side reads them
         found, self.ignored = list_image_files(self.root)
         self.files, self.skipped = [], []
         for f in tqdm(found, desc='checking images', disable=len(found) < 5000):
-            reason = check_image(f, max_pixels)
+            reason = check_image(f, self.max_pixels, self.short_side if train else None)
             if reason: self.skipped.append((f, reason))
             else: self.files.append(f)
         if not self.files:
@@ -289,7 +301,9 @@ class ImageFolder(CropDataset):
                              f"{self.ignored} other files ignored. Point root at a folder of images.")
         if self.skipped:
             warnings.warn(f"ImageFolder: skipped {len(self.skipped)} of {len(found)} files under {self.root} "
-                          f"{dict(Counter(r for _, r in self.skipped))}, e.g. {[str(f) for f, _ in self.skipped[:3]]}; see .summary().")
+                          f"{dict(Counter(r for _, r in self.skipped))}, e.g. {[str(f) for f, _ in self.skipped[:3]]}; see .summary()."
+                          + (f" The pixel budget is max_pixels={self.max_pixels:,} decoded pixels; pass a larger max_pixels to read "
+                             f"larger images." if any(r == 'over the pixel budget' for _, r in self.skipped) else ''))
         super().__init__(len(self.files), size, train, repeats, seed, zoom)
         self._failed = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()   # files that failed to decode
 

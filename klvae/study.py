@@ -19,17 +19,18 @@ Docs: https://github.com/klvae/klvae/study.html.md"""
 # %% auto #0
 __all__ = ['SCALES', 'STUDIES', 'PRE_GAN', 'LOW_DISC_WEIGHT', 'TABLE8_MODELS', 'DEMO_CANDIDATES', 'DEMO_REFERENCE', 'Study',
            'differing', 'seeded', 'arm_of', 'downsample_factor', 'study_dirs', 'run_state', 'train_command',
-           'StudyResults', 'load_model', 'describe', 'StaleStudy', 'study_digest', 'study_status', 'study_plan',
-           'run_study', 'load_results', 'seed_bands', 'val_baselines', 'interval', 'Arms', 'hinge_vs_vanilla', 'table8',
-           'table8_eval', 'sweep_budget', 'demo_sweep', 'main']
+           'StudyResults', 'load_model', 'describe', 'evaluation_source', 'StaleStudy', 'study_digest', 'file_hashes',
+           'changed_files', 'study_status', 'study_plan', 'run_study', 'load_results', 'seed_bands', 'val_baselines',
+           'interval', 'Arms', 'hinge_vs_vanilla', 'table8', 'table8_eval', 'sweep_budget', 'demo_sweep', 'main']
 
 # %% ../nbs/08_study.ipynb #97410ad6
-import argparse, hashlib, json, os, re, shutil, subprocess, sys, time
+import argparse, ast, hashlib, io, json, os, re, shutil, subprocess, sys, time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from tqdm.auto import tqdm
-from .config import get_settings, cpu_name
+from .config import get_settings, cpu_name, shown_path
+from .runs import inside, write_file, write_text, read_text, read_bytes, is_file, open_append, remove_dir
 from .model import AutoencoderKL
 from .vq import load_autoencoder, VQModel
 from .data import ImageFolder, to_uint8
@@ -105,17 +106,17 @@ def study_dirs(study:Study)->tuple[Path, Path]:
 
 def run_state(cfg:TrainConfig, folder:Path)->str:
     "'done' (finished run of `cfg`), 'resume' (interrupted run of `cfg`), 'new' (nothing there) or 'other' (another config)"
-    info, cfg = folder/'config.json', effective_config(cfg)[0]   # compared as it trains on this machine
-    if not info.is_file(): return 'new'
-    try: info = json.loads(info.read_text()); saved = info['config']
+    cfg = effective_config(cfg)[0]   # compared as it trains on this machine
+    if not is_file(folder, 'config.json'): return 'new'
+    try: info = json.loads(read_text(folder, 'config.json')); saved = info['config']
     except (ValueError, KeyError): return 'other'
     if saved.get('mixed_precision') == 'auto': saved['mixed_precision'] = info.get('precision', {}).get('used', 'auto')  # resolved since
     names = {f.name for f in fields(TrainConfig)}   # a field added since ran at its default; a removed one is gone
     saved = {f.name: f.default for f in fields(TrainConfig)} | {k: v for k, v in saved.items() if k in names}
     want = asdict(replace(cfg, run_dir=str(folder), resume=''))
     if {k: v for k, v in saved.items() if k != 'resume'} != {k: v for k, v in want.items() if k != 'resume'}: return 'other'
-    if (folder/'vae'/'config.json').is_file() and (folder/'study.json').is_file(): return 'done'
-    return 'resume' if (folder/'checkpoints'/'latest').is_file() else 'new'
+    if is_file(folder, 'vae/config.json') and is_file(folder, 'study.json'): return 'done'
+    return 'resume' if is_file(folder, 'checkpoints/latest') else 'new'
 
 # %% ../nbs/08_study.ipynb #80b77585
 def train_command(cfg:TrainConfig, processes:int=1)->list:
@@ -126,12 +127,11 @@ def train_command(cfg:TrainConfig, processes:int=1)->list:
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}', '-m', 'klvae.train', *args]
 
 def _train_process(cfg:TrainConfig, processes:int, folder:Path):
-    folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **({'ACCELERATE_USE_CPU': '1'} if not torch.cuda.is_available() else {})}
-    with open(folder/'train.out', 'a') as out:
+    with open_append(folder, 'train.out') as out:
         r = subprocess.run(train_command(cfg, processes), stdout=out, stderr=subprocess.STDOUT, env=env)
     if r.returncode:
-        tail = (folder/'train.out').read_text()[-3000:]
+        tail = read_text(folder, 'train.out')[-3000:]
         raise RuntimeError(f"training {folder} failed (exit {r.returncode}); the end of its output ({folder/'train.out'}):\n{tail}")
 
 # %% ../nbs/08_study.ipynb #c739c1b4
@@ -145,6 +145,7 @@ class StudyResults:
 
 def load_model(folder:Path):
     "The exported model (KL or VQ) of a finished run"
+    for p in inside(folder, 'vae').iterdir(): inside(folder, f'vae/{p.name}')   # its files, not links to elsewhere
     return load_autoencoder(folder/'vae')
 
 def describe(model:torch.nn.Module)->dict:
@@ -152,19 +153,35 @@ def describe(model:torch.nn.Module)->dict:
     c = model.config
     return dict(f=c.downsample_factor, type=f'VQ {c.n_embed}' if isinstance(model, VQModel) else 'KL', c=c.embed_dim)
 
+# klvae.data's image-folder readers and its export list: the held-out photos never pass through them, so changing them
+# measures nothing again
+_NOT_EVALUATION = {'__all__', 'IMAGE_EXTENSIONS', 'list_image_files', 'decode_budget', '_decoded_size', 'check_image', 'load_rgb',
+                   'ImageFolder', 'OPENIMAGES_SPLITS', 'download_openimages'}
+
+def _defines(node)->set:
+    "The names a module's top-level statement defines"
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)): return {node.name}
+    if isinstance(node, ast.Assign): return {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return set()
+
+def evaluation_source(data_source:str, metrics_source:str, heldout_source:str)->str:
+    "The code a measurement depends on: klvae.metrics, klvae.data but its image-folder readers, and heldout_sets"
+    kept = [ast.get_source_segment(data_source, n) for n in ast.parse(data_source).body if not _defines(n) & _NOT_EVALUATION]
+    return metrics_source + '\n'.join(kept) + heldout_source
+
 def _evaluation_code()->str:
     "A digest of the code a measurement depends on: a cached measurement from other code is measured again"
-    import hashlib, inspect, klvae.metrics, klvae.data
-    return hashlib.sha256((inspect.getsource(klvae.metrics) + inspect.getsource(klvae.data) + inspect.getsource(heldout_sets)).encode()).hexdigest()[:16]
+    import inspect, klvae.metrics, klvae.data
+    src = evaluation_source(inspect.getsource(klvae.data), inspect.getsource(klvae.metrics), inspect.getsource(heldout_sets))
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 def _measure(label, cfg, folder, metrics, size=0):
     "Per-image metrics of a finished run on the held-out sets (crops of `size`, else of the training size); cached in the run folder for the same sets, export, metrics and code"
     size = size or cfg.resolution
-    key = dict(metrics=list(metrics), crops=size, export=(folder/'vae'/'config.json').stat().st_mtime_ns, code=_evaluation_code(),
+    key = dict(metrics=list(metrics), crops=size, export=inside(folder, 'vae/config.json').stat().st_mtime_ns, code=_evaluation_code(),
                image='photo name')   # rows name their photo: crops of one photo are one unit of the statistics
-    cache = folder/'heldout.json'
-    if cache.is_file() and (c := json.loads(cache.read_text()))['key'] == key:
-        d = pd.read_csv(folder/'heldout.csv')
+    if is_file(folder, 'heldout.json') and (c := json.loads(read_text(folder, 'heldout.json')))['key'] == key:
+        d = pd.read_csv(io.StringIO(read_text(folder, 'heldout.csv')))
         d.insert(list(d.columns).index('set'), 'run', label)   # the column order of a fresh measurement
         return d, c['protocol'], c['extra']
     model, rows = load_model(folder), []
@@ -175,8 +192,8 @@ def _measure(label, cfg, folder, metrics, size=0):
         for k, v in df.attrs.get('codebook', {}).items():
             if k != 'n_embed': extra[f'{set_name} codes {k}'] = v
     per_image, protocol = pd.concat(rows, ignore_index=True), df.attrs.get('protocol', '')
-    per_image.drop(columns='run').to_csv(folder/'heldout.csv', index=False)
-    cache.write_text(json.dumps(dict(key=key, protocol=protocol, extra=extra)))
+    write_file(folder, 'heldout.csv', lambda p: per_image.drop(columns='run').to_csv(p, index=False))
+    write_text(folder, 'heldout.json', json.dumps(dict(key=key, protocol=protocol, extra=extra)))
     return per_image, protocol, extra
 
 class StaleStudy(RuntimeError):
@@ -203,11 +220,26 @@ def _changes(have:dict|None, want:dict)->str:
     out += [f"{k} changed" for k in ('evaluation', 'heldout_size', 'processes') if have.get(k) != want[k]]
     return ', '.join(out[:6]) + (f' and {len(out) - 6} more' if len(out) > 6 else '') if out else 'nothing'
 
+def file_hashes(out:Path)->dict:
+    "The sha256 of every file of a results folder but its digest.json"
+    return {p.name: hashlib.sha256(read_bytes(out, p.name)).hexdigest() for p in sorted(out.iterdir()) if p.name != 'digest.json'}
+
+def changed_files(out:Path)->str:
+    "What differs between a results folder's files and the hashes its digest.json recorded ('' when nothing does)"
+    have = json.loads(read_text(out, 'digest.json')).get('files') if is_file(out, 'digest.json') else None
+    if have is None: return f"{out/'digest.json'} records no file hashes, so these results cannot be checked; retrain the study"
+    now = file_hashes(out)
+    bad = [f"{n} {'is new' if n not in have else 'is missing' if n not in now else 'changed'}" for n in sorted(have.keys() | now.keys())
+           if have.get(n) != now.get(n)]
+    return (f"{', '.join(bad)} since the results were written (digest.json records each file's sha256): restore the files "
+            f"(git checkout {shown_path(out)}) or retrain the study") if bad else ''
+
 def study_status(study:Study)->tuple[str, str]:
     "('reused', message) when the cached results match the study's digest, else ('stale', what changed and the command that reruns it)"
-    want, f = study_digest(study), study_dirs(study)[1]/'digest.json'
-    have = json.loads(f.read_text()) if f.is_file() else None
-    if have is not None and have.get('digest') == want['digest'] and (f.parent/'runs.csv').is_file():
+    want, out = study_digest(study), study_dirs(study)[1]
+    have = json.loads(read_text(out, 'digest.json')) if is_file(out, 'digest.json') else None
+    if have is not None and have.get('digest') == want['digest'] and is_file(out, 'runs.csv'):
+        if tampered := changed_files(out): return 'stale', f"study {study.name} ({study.scale}): {tampered}"
         return 'reused', f"study {study.name} ({study.scale}): reused (digest {want['digest']})"
     return 'stale', (f"study {study.name} ({study.scale}): stale: {_changes(have, want)}. Retrain it with `klvae-study {study.name} --scale "
                      f"{study.scale}` or `make reports RERUN=1 SCALE={study.scale}`")
@@ -218,7 +250,7 @@ def study_plan(study:Study, rerun:bool|None=None)->tuple[str, str]:
     state, msg = study_status(study)
     if state == 'reused' and not rerun: return 'reuse', msg
     if state == 'reused' or rerun: return 'train', f"study {study.name} ({study.scale}): rerun asked for; {msg.split(': ', 1)[1]}"
-    if study.scale == 'ci' and not (study_dirs(study)[1]/'digest.json').is_file(): return 'train', msg   # seconds; nothing cached yet
+    if study.scale == 'ci' and not is_file(study_dirs(study)[1], 'digest.json'): return 'train', msg   # seconds; nothing cached yet
     return 'stop', msg
 
 def run_study(study:Study, progress:bool=True,
@@ -235,19 +267,19 @@ def run_study(study:Study, progress:bool=True,
     images, runs, logs, protocol = [], [], [], ''
     for label, cfg in tqdm(study.runs.items(), desc=f'study {study.name} ({study.scale})', disable=not progress):
         kind = 'parent' if label in study.parents else 'arm'
-        folder = runs_dir/_slug(label)
+        folder = inside(runs_dir, _slug(label))
         cfg = replace(cfg, run_dir=str(folder), resume='')   # train scales it where 'auto' is fp32 on a CPU; run_state compares that
         if cfg.init in study.parents: cfg = replace(cfg, init=str(runs_dir/_slug(cfg.init)/'vae'))   # the parent's model, trained above
         state = run_state(cfg, folder)
         if state == 'other':  # the study owns its folders: a changed config retrains rather than mixing two runs
-            print(f"study {study.name}: {label} changed since its last run; retraining it"); shutil.rmtree(folder); state = 'new'
+            print(f"study {study.name}: {label} changed since its last run; retraining it"); remove_dir(runs_dir, folder.name); state = 'new'
         if state != 'done':
             t0 = time.time()
             _train_process(replace(cfg, resume='latest') if state == 'resume' else cfg, study.processes, folder)
-            prev = json.loads((folder/'study.json').read_text())['wall_s'] if (folder/'study.json').is_file() else 0
-            (folder/'study.json').write_text(json.dumps({'wall_s': prev + time.time() - t0, 'machine': cpu_name(), 'processes': study.processes,
+            prev = json.loads(read_text(folder, 'study.json'))['wall_s'] if is_file(folder, 'study.json') else 0
+            write_text(folder, 'study.json', json.dumps({'wall_s': prev + time.time() - t0, 'machine': cpu_name(), 'processes': study.processes,
                                                           'threads': torch.get_num_threads()}))   # the child inherits OMP_NUM_THREADS
-        info, meta = json.loads((folder/'config.json').read_text()), json.loads((folder/'study.json').read_text())
+        info, meta = json.loads(read_text(folder, 'config.json')), json.loads(read_text(folder, 'study.json'))
         per_image, protocol, extra = _measure(label, cfg, folder, metrics, study.heldout_size)
         images.append(per_image)
         row = dict(run=label, kind=kind, seed=cfg.seed, model=cfg.model, **extra, steps=cfg.steps, batch=info['global_batch'],
@@ -260,11 +292,10 @@ def run_study(study:Study, progress:bool=True,
     images.append(base); runs += [_summary(dict(run=k, kind='baseline'), g, metrics) for k, g in base.groupby('run', sort=False)]
     res = StudyResults(pd.concat(images, ignore_index=True), pd.DataFrame(runs), pd.concat(logs, ignore_index=True),
                        f"{protocol} {m_note}".strip())
-    out.mkdir(parents=True, exist_ok=True)
-    for k in ('images', 'runs', 'logs'): getattr(res, k).to_csv(out/f'{k}.csv', index=False)
-    (out/'protocol.txt').write_text(res.protocol)
-    _reconstructions(study, out/'reconstructions.png')
-    (out/'digest.json').write_text(json.dumps(study_digest(study), indent=1))   # last: the cache is complete
+    for k in ('images', 'runs', 'logs'): write_file(out, f'{k}.csv', lambda p: getattr(res, k).to_csv(p, index=False))
+    write_text(out, 'protocol.txt', res.protocol)
+    _reconstructions(study, out)
+    write_text(out, 'digest.json', json.dumps(study_digest(study) | {'files': file_hashes(out)}, indent=1))   # last: the cache is complete
     print(f"study {study.name} ({study.scale}): results written, digest {study_digest(study)['digest']}")
     return res
 
@@ -291,7 +322,7 @@ def _baselines(study:Study, metrics)->pd.DataFrame:
             for k, m in models.items() for s, ds in sets.items()]
     return pd.concat(rows, ignore_index=True)
 
-def _reconstructions(study:Study, path:Path, n:int=8):
+def _reconstructions(study:Study, out:Path, n:int=8):
     "One PNG: a held-out crop of each of the first `n` photos (top row), then bicubic at the first run's f, then each parent's and arm's first seed, one row each"
     cfg, sets = _heldout(study)
     ds = sets[next(iter(sets))]
@@ -305,14 +336,17 @@ def _reconstructions(study:Study, path:Path, n:int=8):
         models += [load_model(study_dirs(study)[0]/_slug(l)).eval() for l in firsts.values()]
         rows = [x] + [m(x)[0].clamp(-1, 1) for m in models]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # (3, rows*H, n*W)
-    Image.fromarray(to_uint8(grid[None])[0].permute(1, 2, 0).numpy()).save(path, optimize=True)
-    (path.parent/'reconstructions.json').write_text(json.dumps(dict(rows=['held-out crop', f'bicubic ×{models[0].f}', *firsts], crops=len(x))))
+    img = Image.fromarray(to_uint8(grid[None])[0].permute(1, 2, 0).numpy())
+    write_file(out, 'reconstructions.png', lambda p: img.save(p, format='PNG', optimize=True))
+    write_text(out, 'reconstructions.json', json.dumps(dict(rows=['held-out crop', f'bicubic ×{models[0].f}', *firsts], crops=len(x))))
 
 def load_results(name:str, scale:str)->StudyResults:
     "A study's cached tables, as `run_study` wrote them"
     out = study_dirs(Study(name, {'-': TrainConfig()}, scale))[1]
-    if not (out/'runs.csv').is_file(): raise FileNotFoundError(f"no cached results of study {name!r} at scale {scale!r} in {out}; run it first")
-    return StudyResults(*(pd.read_csv(out/f'{k}.csv') for k in ('images', 'runs', 'logs')), (out/'protocol.txt').read_text())
+    if not is_file(out, 'runs.csv'): raise FileNotFoundError(f"no cached results of study {name!r} at scale {scale!r} in {out}; run it first")
+    if tampered := changed_files(out): raise StaleStudy(f"study {name} ({scale}): {tampered}")
+    return StudyResults(*(pd.read_csv(io.StringIO(read_text(out, f'{k}.csv'))) for k in ('images', 'runs', 'logs')),
+                        read_text(out, 'protocol.txt'))
 
 # %% ../nbs/08_study.ipynb #9b999763
 import plotly.graph_objects as go

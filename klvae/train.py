@@ -42,6 +42,7 @@ from .torchfile import read_torch_file, CheckpointError, brief
 from .losses import RECIPES, D_LOSSES, NLayerDiscriminator, VAELoss, lpips_vgg, trains, regulariser
 from .data import EmbeddedPhotos, ImageFolder, VAL_PHOTOS, image_grid, item_generator, to_uint8
 from .metrics import psnr, ssim
+from .runs import check_run_folder, inside, make_dirs, write_file, write_text, append_text, read_text, is_file, write_dir, remove_dir, checkpoint_dirs, latest_checkpoint
 
 # %% ../nbs/06_train.ipynb #15f75dc1
 @dataclass(frozen=True)
@@ -263,12 +264,7 @@ class EMA:
 # %% ../nbs/06_train.ipynb #1d9aa93e
 CKPT_FILES = ('vae.safetensors', 'discriminator.safetensors', 'training_state.pt')
 
-def _write_text_atomic(path:Path, text:str):
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-def save_checkpoint(ckpt_dir:Path,  # the run's checkpoints/ folder
+def save_checkpoint(run:Path,       # the run folder (checkpoints go to its checkpoints/)
                     step:int,       # steps completed
                     nets:dict,      # name -> state dict of tensors: vae, discriminator, ema (optional)
                     state:dict,     # optimizers, schedulers, counters: tensors and plain values only
@@ -278,15 +274,12 @@ def save_checkpoint(ckpt_dir:Path,  # the run's checkpoints/ folder
     for name, sd in nets.items():
         bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad: raise FloatingPointError(f"not saving step {step}: {name} has non-finite values in {bad[:5]}")
-    final, tmp = ckpt_dir/f'step_{step:07d}', ckpt_dir/f'.tmp_step_{step:07d}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, sd in nets.items(): save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp/f'{name}.safetensors')
-    torch.save(state, tmp/'training_state.pt')
-    if final.exists(): shutil.rmtree(final)   # the same step written again after a resume
-    os.replace(tmp, final)
-    _write_text_atomic(ckpt_dir/'latest', final.name)
-    for old in sorted(ckpt_dir.glob('step_*'))[:-keep]: shutil.rmtree(old)
+    def fill(folder):
+        for name, sd in nets.items(): save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, folder/f'{name}.safetensors')
+        torch.save(state, folder/'training_state.pt')
+    final = write_dir(run, f'checkpoints/step_{step:07d}', fill)   # the same step written again after a resume replaces it
+    write_text(run, 'checkpoints/latest', final.name)
+    for old in checkpoint_dirs(run)[:-keep]: remove_dir(run, f'checkpoints/{old.name}')
     return final
 
 def find_checkpoint(resume:str,   # 'latest' or a checkpoint folder
@@ -294,18 +287,18 @@ def find_checkpoint(resume:str,   # 'latest' or a checkpoint folder
                    )->Path:
     "The checkpoint folder that `resume` names, checked to be complete"
     if resume == 'latest':
-        f = Path(run_dir)/'checkpoints'/'latest'
-        if not f.is_file(): raise FileNotFoundError(f"resume='latest': {f} does not exist, so {run_dir} has no checkpoint to "
-                                                    f"resume. Start the run without resume, or pass a checkpoint folder.")
-        path = f.parent/f.read_text().strip()
+        path = latest_checkpoint(run_dir)
+        if path is None: raise FileNotFoundError(f"resume='latest': {Path(run_dir)/'checkpoints'/'latest'} does not exist, so {run_dir} "
+                                                 f"has no checkpoint to resume. Start the run without resume, or pass a checkpoint folder.")
     else: path = Path(resume)
-    missing = [n for n in CKPT_FILES if not (path/n).is_file()]
+    missing = [n for n in CKPT_FILES if not is_file(path, n)]   # a link in its place is refused
     if missing: raise FileNotFoundError(f"{path} is not a klvae checkpoint folder: it lacks {missing}.")
     return path
 
 def load_checkpoint(path:Path)->tuple[dict, dict]:
     "The weights (name -> state dict) and the training state of a checkpoint folder, read without unpickling objects"
-    nets = {p.stem: load_state_dict_file(p) for p in sorted(Path(path).glob('*.safetensors'))}
+    nets = {p.stem: load_state_dict_file(inside(path, p.name)) for p in sorted(Path(path).glob('*.safetensors'))}
+    inside(path, 'training_state.pt')
     try: state = read_torch_file(Path(path)/'training_state.pt', plain=True)
     except Exception as e: raise CheckpointError(f"{path}/training_state.pt is not a klvae training state (tensors and plain values): {e}") from e
     return nets, state
@@ -353,13 +346,14 @@ def check_training_state(state, optimizers:list, schedulers:list, source:str):
 # %% ../nbs/06_train.ipynb #7acc2207
 def read_log(run_dir:str|Path)->pd.DataFrame:
     "A run's `log.jsonl` as a DataFrame: training rows (train/* columns) and validation rows (val/* columns)"
-    f = Path(run_dir)/'log.jsonl'
-    if not f.is_file(): raise FileNotFoundError(f"{f} does not exist: is {run_dir} a klvae run folder?")
-    return pd.DataFrame([json.loads(l) for l in f.read_text().splitlines() if l.strip()])
+    if not is_file(run_dir, 'log.jsonl'): raise FileNotFoundError(f"{Path(run_dir)/'log.jsonl'} does not exist: is {run_dir} a klvae run folder?")
+    return pd.DataFrame([json.loads(l) for l in read_text(run_dir, 'log.jsonl').splitlines() if l.strip()])
 
-def _truncate_log(f:Path, step:int):
+def _truncate_log(run:Path, step:int):
     "Drop the rows a killed run wrote after the checkpoint it resumes from"
-    if f.is_file(): _write_text_atomic(f, ''.join(l + '\n' for l in f.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= step))
+    if not is_file(run, 'log.jsonl'): return
+    kept = [l for l in read_text(run, 'log.jsonl').splitlines() if l.strip() and json.loads(l)['step'] <= step]
+    write_text(run, 'log.jsonl', ''.join(l + '\n' for l in kept))
 
 # %% ../nbs/06_train.ipynb #6bc11d24
 @torch.no_grad()
@@ -373,7 +367,9 @@ def validate(vae:nn.Module,   # the VAE (unwrapped; EMA weights when EMA is on)
     rec, aux = vae(x, sample_posterior=False)
     rec, usage = rec.float(), {f'val/{k}': v.item() for k, v in regulariser(aux)[2].items()}
     vae.train(was)
-    if png is not None: image_grid(torch.cat([x.float(), rec]).cpu(), ncol=len(x)).save(png)
+    if png is not None:   # the caller checked the folder (a run's val/); the file is written without following a link
+        grid = image_grid(torch.cat([x.float(), rec]).cpu(), ncol=len(x))
+        write_file(png.parent, png.name, lambda p: grid.save(p, format='PNG'))
     a, b = to_uint8(x.float()), to_uint8(rec)
     return {'val/psnr': psnr(a, b).mean().item(), 'val/ssim': ssim(a, b).mean().item(), **usage}
 
@@ -474,7 +470,7 @@ def step_seconds(cfg:TrainConfig,  # the run: model, width, batch, crop, LPIPS, 
     known[key] = sorted(times)[len(times)//2]
     if cache:
         f.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(f, json.dumps(known, indent=1))
+        write_text(f.parent, f.name, json.dumps(known, indent=1))
     return known[key], False
 
 def effective_config(cfg:TrainConfig)->tuple[TrainConfig, dict]:
@@ -507,8 +503,7 @@ def initialise(vae:nn.Module, path:str)->dict:
 
 def _parent_of(run:Path)->dict|None:
     "The parent a run was initialised from, as its config.json recorded it (a resumed run does not load it again)"
-    f = run/'config.json'
-    return json.loads(f.read_text()).get('parent') if f.is_file() else None
+    return json.loads(read_text(run, 'config.json')).get('parent') if is_file(run, 'config.json') else None
 
 # %% ../nbs/06_train.ipynb #ft00cd04
 @torch.no_grad()
@@ -549,9 +544,10 @@ def latent_scale(vae:nn.Module, train_data, keep:dict|None, device)->dict:
 def _resumed_config(cfg:TrainConfig)->tuple[TrainConfig, dict]|None:
     "A resumed run's effective config as it started (its precision and its budget's steps), when `cfg` asks for that run"
     if not cfg.resume: return None
-    f = (Path(cfg.run_dir) if cfg.run_dir else Path(cfg.resume).resolve().parent.parent)/'config.json'
-    if not f.is_file(): return None
-    try: info = json.loads(f.read_text())
+    run = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.resume).resolve().parent.parent
+    f = run/'config.json'
+    if not is_file(run, 'config.json'): return None   # a link there (dangling or not) is refused, not skipped
+    try: info = json.loads(read_text(run, 'config.json'))
     except ValueError as e: raise ValueError(f"{f} is not valid JSON ({e}); it is the run's record, written by train") from e
     names, keep = {f.name for f in fields(TrainConfig)}, ('resume', 'run_dir')
     same = lambda d: {k: v for k, v in d.items() if k in names and k not in keep}
@@ -569,10 +565,10 @@ def _run_folder(cfg:TrainConfig, acc:Accelerator)->Path:
         name = [f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{cfg.model}-{cfg.recipe}"]
         if acc.num_processes > 1: broadcast_object_list(name)
         run = get_settings().runs_path/name[0]
-    if not cfg.resume and (run/'checkpoints'/'latest').exists():
+    if not cfg.resume and is_file(run, 'checkpoints/latest'):
         raise FileExistsError(f"{run} already holds a run with checkpoints; continue it with resume='latest' "
                               f"(--resume latest) or choose another run_dir.")
-    return run
+    return check_run_folder(run)   # a planted link stops the run before it trains
 
 def _log_row(acc, step:int, nets, terms:dict, extra:dict)->dict:
     "A log row: `terms` averaged over the processes (every process calls this at the same steps), then `extra` as given"
@@ -588,7 +584,7 @@ def _save(acc, run, step, vae, disc, ema, opts, scheds, counters, keep):
         if ema is not None: nets['ema'] = ema.state_dict()
         state = dict(step=step, counters=counters, optimizers=[o.state_dict() for o in opts],
                      schedulers=[s.state_dict() for s in scheds], scaler=acc.scaler.state_dict() if acc.scaler else None)
-        save_checkpoint(run/'checkpoints', step, nets, state, keep)
+        save_checkpoint(run, step, nets, state, keep)
     acc.wait_for_everyone()
 
 # %% ../nbs/06_train.ipynb #8a085142
@@ -653,29 +649,29 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
     last_layer = acc.unwrap_model(vae).last_layer
     batches = rank_batches(train_data, cfg.batch_size, rank, world, step*cfg.grad_accum, cfg.seed, cfg.num_workers, acc.device.type == 'cuda')
 
-    (run/'val').mkdir(parents=True, exist_ok=True)
-    log_file, tb, n_params = run/'log.jsonl', None, sum(p.numel() for p in vae.parameters())
+    make_dirs(run, 'val')
+    tb, n_params = None, sum(p.numel() for p in vae.parameters())
     if main:
-        _truncate_log(log_file, step)
+        _truncate_log(run, step)
         info = dict(config=asdict(cfg), requested=asdict(requested), work=work_note or None, processes=world, device=str(acc.device), lr=lr, global_batch=cfg.batch_size*cfg.grad_accum*world,
                     recipe=asdict(recipe), perceptual=p_note, vae_parameters=n_params,
                     precision={'used': precision, 'reason': why, 'step_seconds': how['step_seconds']}, parent=parent,
                     frozen=f"{len(frozen)} tensors of the encoder and quant_conv" if frozen else None,
                     train_data=repr(train_data), val_data=repr(val_data), resumed_from=step or None,
                     versions={'torch': torch.__version__}, started=time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()))
-        (run/'config.json').write_text(json.dumps(info, indent=1, default=str))
+        write_text(run, 'config.json', json.dumps(info, indent=1, default=str))
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(run/'tb')
+            tb = SummaryWriter(make_dirs(run, 'tb'))
     def log(row):
         if not main: return
-        with open(log_file, 'a') as f: f.write(json.dumps(row) + '\n')
+        append_text(run, 'log.jsonl', json.dumps(row) + '\n')
         if tb: [tb.add_scalar(k, v, row['step']) for k, v in row.items() if '/' in k]
     def validate_now():
         if main:
             model = acc.unwrap_model(vae)
             if ema is not None: model = ema.copy_to(build_model(cfg.model, cfg.width).to(acc.device))
-            log({'step': step, **validate(model, val_x, run/'val'/f'step_{step:07d}.png')})
+            log({'step': step, **validate(model, val_x, inside(run, f'val/step_{step:07d}.png'))})
         acc.wait_for_everyone()
     acc.print(f"klvae run {run}: {world} process(es) on {acc.device}, {cfg.model} ({n_params/1e6:.1f}M parameters), "
               f"recipe {recipe.name}, discriminator from step {recipe.disc_start}, lr {lr:.3g}, global batch "
@@ -759,9 +755,9 @@ def train(cfg:TrainConfig,     # `train_config(preset, **overrides)`
                                        f"the export was not written; the last checkpoint is in {run/'checkpoints'}")
         scale = latent_scale(final.float(), train_data, parent if cfg.train_only == 'decoder' else None, acc.device)
         final.config = replace(final.config, **{k: scale[k] for k in ('scaling_factor', 'shift_factor') if hasattr(final.config, k)})
-        final.save_pretrained(run/'vae')
-        info = json.loads((run/'config.json').read_text()) | {'latent_scale': scale}
-        (run/'config.json').write_text(json.dumps(info, indent=1, default=str))
+        write_dir(run, 'vae', final.save_pretrained)
+        info = json.loads(read_text(run, 'config.json')) | {'latent_scale': scale}
+        write_text(run, 'config.json', json.dumps(info, indent=1, default=str))
         acc.print(f"klvae: exported {run/'vae'}, scaling_factor {scale['scaling_factor']:.5g} ({scale['how']})")
         if tb: tb.close()
     acc.wait_for_everyone()
