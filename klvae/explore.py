@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 import ipywidgets as W
-import plotly.graph_objects as go
+import plotly.graph_objects as go, plotly.io as pio
 from plotly.subplots import make_subplots
 from PIL import Image, ImageOps
 from .config import get_settings, in_test, cpu_name, shown_path
+from .runs import escape_figure, write_text
 from .model import AutoencoderKL, PRESETS
 from .data import PHOTOS, load_photo, to_tensor, to_uint8, to_rgb, resize_short_side
 from .metrics import psnr, hf_energy
@@ -543,16 +544,16 @@ def write_static_page(path:str|Path, # the .html file to write
     body, js = [], not plotly_src
     for p in parts:
         if isinstance(p, go.Figure):
-            body.append(p.to_html(full_html=False, include_plotlyjs=js, auto_play=False, config=dict(displaylogo=False),
-                                  div_id=f'klvae-fig{len(body)}')); js = False   # ids by place: a rebuild of the same page is the same bytes
+            body.append(pio.to_html(escape_figure(p.to_plotly_json()), full_html=False, include_plotlyjs=js, auto_play=False, validate=False,
+                                    config=dict(displaylogo=False), div_id=f'klvae-fig{len(body)}')); js = False   # ids by place: a rebuild of the same page is the same bytes
         elif isinstance(p, pd.DataFrame): body.append(p.to_html(float_format=lambda v: f'{v:.3g}', border=0))
         elif isinstance(p, str) and p.startswith('## '): body.append(f'<h2>{html.escape(p[3:])}</h2>')
         else: body.append(f'<p>{html.escape(str(p))}</p>')
     style = ('body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}'
              'table{border-collapse:collapse;font-size:90%}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}')
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
     head = f'<script charset="utf-8" src="{html.escape(plotly_src)}"></script>' if plotly_src else ''
     back = f'<p><a href="{html.escape(index)}">klvae reports</a></p>' if index else ''
-    path.write_text(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style>{head}</head>'
-                    f'<body>{back}<h1>{html.escape(title)}</h1>\n' + '\n'.join(body) + '\n</body></html>', encoding='utf-8')
+    write_text(path.parent, path.name, f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style>{head}</head>'
+                    f'<body>{back}<h1>{html.escape(title)}</h1>\n' + '\n'.join(body) + '\n</body></html>')
     return path

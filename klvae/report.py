@@ -15,8 +15,8 @@ Docs: https://github.com/klvae/klvae/reports.html.md"""
 
 # %% auto #0
 __all__ = ['COMPANIONS', 'SCALE_DEMO', 'COMPANION_STUDIES', 'notebooks', 'title_and_summary', 'clean_paths', 'unsafe_markup',
-           'escape_figure', 'directives', 'CleanPage', 'git_commit', 'page_header', 'write_assets', 'same_page',
-           'write_page', 'render', 'demo_entry', 'write_index', 'build_reports', 'check_reports', 'main']
+           'directives', 'CleanPage', 'git_commit', 'page_header', 'write_assets', 'same_page', 'write_page', 'render',
+           'demo_entry', 'write_index', 'build_reports', 'check_reports', 'main']
 
 # %% ../nbs/13_reports.ipynb #212d38b1
 import argparse, hashlib, html, json, os, re, subprocess, sys, tempfile, time
@@ -29,6 +29,7 @@ from nbconvert.preprocessors import ExecutePreprocessor, Preprocessor
 from nbconvert.filters.markdown import markdown2html
 from html.parser import HTMLParser
 from .config import get_settings, cpu_name, shown_path
+from .runs import escape_figure, is_file, read_text, write_text
 
 # %% ../nbs/13_reports.ipynb #38632552
 COMPANIONS = ('10_table8.ipynb', '11_hinge_vs_vanilla.ipynb', '12_latent_explorer.ipynb')
@@ -83,12 +84,6 @@ def unsafe_markup(text:str,  # an output's HTML or Markdown
     p.feed(markdown2html(text) if markdown else text)
     p.close()
     return p.bad
-
-def escape_figure(fig):
-    "A plotly figure's JSON with every string HTML-escaped but its templates (plotly.js draws strings as markup)"
-    if isinstance(fig, dict): return {k: v if k.endswith('template') and isinstance(v, str) else escape_figure(v) for k, v in fig.items()}
-    if isinstance(fig, list): return [escape_figure(v) for v in fig]
-    return html.escape(fig, quote=False) if isinstance(fig, str) else fig
 
 # %% ../nbs/13_reports.ipynb #9e528c30
 _DIRECTIVE = re.compile(r'^\s*#\|\s*([\w-]+)(.*)$')
@@ -190,9 +185,8 @@ def write_assets(folder:Path)->Path:
     "The files every page of a build shares, in `folder`: plotly.min.js, and lab.css (the lab template's light theme and rules)"
     import plotly.offline
     static = next(Path(p)/'static' for p in _exporter().template_paths if (Path(p)/'static'/'index.css').is_file())
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder/'plotly.min.js').write_text(plotly.offline.get_plotlyjs(), encoding='utf-8')
-    (folder/'lab.css').write_text('\n'.join((static/n).read_text() for n in ('index.css', 'theme-light.css')) + _lab_rules(static.parent), encoding='utf-8')
+    write_text(folder, 'plotly.min.js', plotly.offline.get_plotlyjs())
+    write_text(folder, 'lab.css', '\n'.join((static/n).read_text() for n in ('index.css', 'theme-light.css')) + _lab_rules(static.parent))
     return folder
 
 def _exporter()->HTMLExporter:
@@ -211,8 +205,8 @@ def same_page(a:str, b:str)->bool:
 
 def write_page(out:Path, text:str)->bool:
     "Write `out` unless it already holds the same page apart from its header (so a rebuild of equal pages leaves git clean); True if written"
-    if out.is_file() and same_page(out.read_text(encoding='utf-8'), text): return False
-    out.parent.mkdir(parents=True, exist_ok=True); out.write_text(text, encoding='utf-8')
+    if is_file(out.parent, out.name) and same_page(read_text(out.parent, out.name), text): return False
+    write_text(out.parent, out.name, text)   # a link planted in a cloned reports/ is refused, not written through
     return True
 
 def render(path:Path,            # the notebook
@@ -253,11 +247,11 @@ def demo_entry(scale:str, out:Path)->dict|None:
     reports = get_settings().reports_path
     if scale in SCALE_DEMO:
         demo(report=out/'demo.html', run_dir=str(Path(tempfile.mkdtemp())/'demo'), **SCALE_DEMO[scale])
-    elif not (out/'demo.json').is_file() and (reports/'demo.json').is_file():
-        for f in ('demo.html', 'demo.json'): shutil.copy(reports/f, out/f)
-    if not (out/'demo.json').is_file(): return None
-    (out/'demo.html').write_text(clean_paths((out/'demo.html').read_text(), get_settings().root, 'demo.html'))
-    return json.loads((out/'demo.json').read_text())
+    elif not is_file(out, 'demo.json') and is_file(reports, 'demo.json'):
+        for f in ('demo.html', 'demo.json'): write_text(out, f, read_text(reports, f))
+    if not is_file(out, 'demo.json'): return None
+    write_text(out, 'demo.html', clean_paths(read_text(out, 'demo.html'), get_settings().root, 'demo.html'))
+    return json.loads(read_text(out, 'demo.json'))
 
 def _inline(md:str)->str: return re.sub(r'^<p>|</p>\s*$', '', markdown2html(md).strip())   # one line of markdown, no paragraph
 

@@ -17,7 +17,7 @@ Docs: https://github.com/klvae/klvae/runs.html.md"""
 # %% auto #0
 __all__ = ['CHECKPOINT', 'RUN_ENTRIES', 'UnsafePath', 'inside', 'make_dirs', 'write_file', 'write_text', 'open_append',
            'append_text', 'read_bytes', 'read_text', 'is_file', 'remove_dir', 'write_dir', 'checkpoint_dirs',
-           'latest_checkpoint', 'check_run_folder', 'shown']
+           'latest_checkpoint', 'check_run_folder', 'shown', 'escape_figure']
 
 # %% ../nbs/02a_runs.ipynb #0b582788
 import html, os, re, shutil, stat, tempfile
@@ -178,3 +178,9 @@ _MARKDOWN = re.compile(r'([\\`*_\[\]|~#])')
 def shown(s)->str:
     "`s` (from a results or run folder) as literal text in Markdown or HTML"
     return _MARKDOWN.sub(r'\\\1', html.escape(str(s), quote=False))
+
+def escape_figure(fig):
+    "A plotly figure's JSON with every string HTML-escaped but its templates (plotly.js draws strings as markup)"
+    if isinstance(fig, dict): return {k: v if k.endswith('template') and isinstance(v, str) else escape_figure(v) for k, v in fig.items()}
+    if isinstance(fig, (list, tuple)): return [escape_figure(v) for v in fig]
+    return html.escape(fig, quote=False) if isinstance(fig, str) else fig
