@@ -26,9 +26,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from .config import get_settings, cpu_name, shown_path
 from .runs import inside, is_file, read_bytes, read_text, write_dir, write_file, write_text
-from .model import AutoencoderKL, PRESETS
+from .model import AutoencoderKL, PRESETS, architecture
 from .metrics import evaluate, summarize, available_metrics, psnr
-from .baselines import baselines, paired_difference, compare_sentence
+from .baselines import baselines, paired_difference, compare_sentence, LATENT_COUNT
 from .data import EmbeddedPhotos, to_uint8
 from .vq import load_autoencoder
 from .train import TrainConfig, parse_value, train, train_config, read_log, heldout_crops, build_model, make_dataset, EMBEDDED
@@ -83,6 +83,7 @@ def training_report(run_dir:str|Path,            # a run folder written by `trai
     cfg, r, grids = info['config'], info['recipe'], sorted(p.name for p in inside(run, 'val').glob('step_*.png'))
     rows = log[log['trains'].notna()] if 'trains' in log else log.iloc[:0]
     facts = {'run folder': shown_path(run), 'model': f"{cfg['model']} ({info['vae_parameters']/1e6:.2f}M parameters)",
+             'architecture': architecture(PRESETS[cfg['model']]) if cfg['model'] in PRESETS else 'see the run folder',
              'recipe': f"{r['name']}: {r['rec_loss']}" + (f" + {r['perceptual_weight']} LPIPS" if info['perceptual'].startswith('on') else
                        " (LPIPS term off, see below)") + f" + {r['kl_weight']} KL" + (f" + adaptive GAN ({r['disc_loss']}) from step {r['disc_start']}" if r['disc_start'] < cfg['steps']
                        else f" (no GAN: the discriminator would start at step {r['disc_start']}, after the last)"),
@@ -155,8 +156,8 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     torch.manual_seed(cfg.seed)
     done = f'trained ({cfg.steps} steps)'
     model = load_autoencoder(run/'vae')
-    f = 2**(len(model.config.ch_mult) - 1)
-    base = baselines(f)
+    f = model.config.downsample_factor
+    base = baselines(f, model.config.embed_dim)   # mean colour, bicubic ×f and bicubic at the latent's count (the headline's)
     models = {done: model, 'untrained (step 0)': build_model(cfg.model, cfg.width), **base}
     sets = heldout_sets(cfg.resolution, cfg.zoom or None, cfg.val_data)
     dfs = {(n, s): evaluate(m, ds, metrics=metrics, progress=False) for s, ds in sets.items() for n, m in models.items()}
@@ -171,9 +172,13 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
                             '95% CI high': d['hi'], 'photos': d['photos'], 'photos where trained is ahead': d['a_better']}
                            for (s, b, m), d in diffs.items()]).round(3)
     write_file(run, 'heldout_paired.csv', lambda p: paired.to_csv(p, index=False))
+    report = Path(report) if report else get_settings().reports_path/'demo.html'
+    write_file(report.parent, 'demo_per_image.csv', lambda p: per_image.to_csv(p, index=False))   # committed: the headline can be recomputed
     crops = next(iter(sets))
-    headline = (compare_sentence(f'The demo model ({cfg.steps} steps)', f'bicubic ×{f}', diffs[crops, f'bicubic ×{f}', 'psnr'], f'the {crops}')
-                + ' ' + compare_sentence('It', f'bicubic ×{f}', diffs['256² center', f'bicubic ×{f}', 'psnr'], 'the 256² center crops'))
+    headline = (compare_sentence(f'The demo model ({cfg.steps} steps)', LATENT_COUNT, diffs[crops, LATENT_COUNT, 'psnr'], f'the {crops}')
+                + ' ' + compare_sentence('It', LATENT_COUNT, diffs['256² center', LATENT_COUNT, 'psnr'], 'the 256² center crops')
+                + f" (a thumbnail of no more values than the latent: {'² and '.join(str(base[LATENT_COUNT].stored(s, s)[0]) for s in (cfg.resolution, 256))}²"
+                f" pixels; bicubic ×{f}, with fewer values than the latent, is in the tables).")
     val = make_dataset(cfg.val_data, cfg, False)
     vx = torch.stack([val[i] for i in range(min(cfg.val_images, len(val)))])
     with torch.no_grad(): hlines = {n: psnr(to_uint8(vx), to_uint8(m(vx)[0])).mean().item() for n, m in base.items()}
@@ -183,7 +188,6 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     notes = [f"Wall time of the whole demo (training, evaluation, report): {wall/60:.1f} minutes, of which training "
              f"{t_train/60:.1f} ({cfg.steps/t_train:.2f} steps/s, {ips.median():.1f} images/s in the loop, on {cpu_name()})."]
     if info.get('work'): notes.append(f"Work: {info['work']}.")
-    report = Path(report) if report else get_settings().reports_path/'demo.html'
     export = half_export(model, report.parent/'demo-vae', sets[crops], export_tolerance_db)   # the explorer's model on a fresh clone
     notes.append(f"The trained model is saved beside this page ({export['path']}) in {export['dtype']}"
                  + (f": {export['note']}." if export['note'] else f", which moves a held-out crop's PSNR by at most {export['max_psnr_change_db']} dB."))
@@ -198,6 +202,7 @@ def demo(report:str|Path|None=None,  # HTML file to write; default: <reports_pat
     summary = (f"{cfg.model} ({cfg.steps} steps, batch {cfg.batch_size}, {cfg.resolution}² crops), {used} "
                f"({info['precision']['reason']}), {wall/60:.1f} min on {cpu_name()}")
     write_text(report.parent, report.with_suffix('.json').name, json.dumps(dict(summary=summary, headline=headline, figures=figures, run=shown_path(run),
+                                                                              architecture=architecture(model.config),
                                                           wall_s=wall, export=export), indent=1))
     print(table.to_string(), f"\n{headline}\n{notes[0]}\nreport: {report}")
     return run, table

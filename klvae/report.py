@@ -270,6 +270,7 @@ def write_index(out:Path, entries:list, demo:dict|None, scale:str, commit:str)->
     if demo:
         rows = ''.join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in demo['figures'].items())
         parts.append(f"<p><a href='demo.html'>The training report</a>: {html.escape(demo['summary'])}</p>"
+                     + (f"<p>The model: {html.escape(demo['architecture'])}</p>" if demo.get('architecture') else '')
                      + (f"<p><b>{html.escape(demo['headline'])}</b></p>" if demo.get('headline') else '') + f"<table>{rows}</table>")
     else: parts.append('<p>No demo page: run <code>make demo</code>, then <code>make reports</code>.</p>')
     parts += ['<h2>Library notebooks</h2><ul>', *map(item, [e for e in entries if e['kind'] == 'library']), '</ul>']

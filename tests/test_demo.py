@@ -26,7 +26,7 @@ def test_an_fp16_export_that_drifts_is_kept_in_fp32_and_the_demo_exits_0(tmp_pat
     page, info = (tmp_path/'reports'/'demo.html').read_text(), json.loads((tmp_path/'reports'/'demo.json').read_text())
     assert 'stored in fp32: the fp16 copy moved a held-out crop' in page
     assert info['export']['dtype'] == 'float32' and info['export']['fp16_max_psnr_change_db'] > -1
-    assert sorted(p.name for p in folder.parent.iterdir()) == ['assets', 'demo-vae', 'demo.html', 'demo.json']   # no temporary left
+    assert sorted(p.name for p in folder.parent.iterdir()) == ['assets', 'demo-vae', 'demo.html', 'demo.json', 'demo_per_image.csv']   # no temporary left
 
 
 def test_a_bad_override_is_a_usage_error(tmp_path):
