@@ -338,6 +338,7 @@ def test_weights_must_be_finite_floats(tiny, tmp_path, dtype, value, words):
     with pytest.raises(CheckpointError, match=rf"{words}.*encoder\.conv_in\.weight"): AutoencoderKL.from_pretrained(tmp_path/'w.ckpt')
 
 
+@pytest.mark.slow   # a whole-process memory and time bound over every hostile file: make test-all (CI)
 def test_memory_stays_bounded(tmp_path):
     "One process: a normal load sets the peak; every hostile file after it raises the peak by at most 200 MB"
     script = textwrap.dedent(f"""
@@ -560,6 +561,7 @@ for line in sys.stdin:  # each load in a fresh fork of this warm process: no hea
     os._exit(0)
 """
 
+@pytest.mark.slow   # a whole-process memory and time bound over every hostile file: make test-all (CI)
 def test_issue21_files_are_refused_within_10s_and_400MB(tmp_path, capfd):
     "Every hostile file of issue 21, against every loader it targets, measured in one subprocess: outcome, seconds, peak RSS growth"
     paths = {}
