@@ -63,7 +63,7 @@ def clean_paths(text:str, root:Path, page:str)->str:
 # %% ../nbs/13_reports.ipynb #b7476ab8
 _SAFE_TAGS = {'div', 'span', 'p', 'br', 'b', 'i', 'em', 'strong', 'code', 'pre', 'sup', 'sub', 'small', 'ul', 'ol', 'li', 'blockquote',
               'h1', 'h2', 'h3', 'h4', 'table', 'thead', 'tbody', 'tfoot', 'tr', 'th', 'td', 'caption', 'style', 'a', 'hr'}
-_SAFE_ATTRS = {'class', 'border', 'colspan', 'rowspan', 'scoped', 'style', 'halign', 'valign', 'align', 'id', 'title', 'href'}
+_SAFE_ATTRS = {'class', 'border', 'colspan', 'rowspan', 'scoped', 'style', 'halign', 'valign', 'align', 'id', 'title', 'href', 'type'}
 
 class _Markup(HTMLParser):
     "The tags and attributes of an HTML text that a page must not carry"
