@@ -54,7 +54,10 @@ def make_dirs(root:str|Path, rel:str|Path)->Path:
     p.mkdir(parents=True, exist_ok=True)   # the root: the user's choice
     for part in Path(rel).parts:
         p = inside(root, p.relative_to(root)/part)
-        if not p.is_dir(): p.mkdir()
+        if p.is_dir(): continue
+        try: p.mkdir()
+        except FileExistsError: pass   # another process of the run made it meanwhile: checked again below
+        if not inside(root, p.relative_to(root)).is_dir(): _refuse(p, "is a file where klvae needs a folder")
     return p
 
 def _mode(path:str):
