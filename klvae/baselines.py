@@ -16,7 +16,7 @@ Docs: https://github.com/klvae/klvae/baselines.html.md"""
 
 # %% auto #0
 __all__ = ['LATENT_COUNT', 'MeanColour', 'Bicubic', 'baselines', 'per_photo', 'bootstrap_ci', 'paired_difference',
-           'compare_sentence', 'gate', 'verdict']
+           'compare_sentence', 'seed_photo_difference', 'gate', 'verdict']
 
 # %% ../nbs/05b_baselines.ipynb #bl0003
 import math
@@ -86,6 +86,22 @@ def compare_sentence(a:str, b:str, diff:dict, where:str='', unit:str='dB')->str:
             f"ahead on {diff['a_better']} of {diff['photos']}).")
 
 # %% ../nbs/05b_baselines.ipynb #bl0015
+def seed_photo_difference(a:list, b:list,   # per-image tables of two arms, one per seed, seed i of `a` paired with seed i of `b`
+                          metric:str='psnr', level:float=0.95, n:int=10_000, seed:int=0)->dict:
+    "Mean per-photo difference a − b with a two-level bootstrap interval: seeds resampled, then photos within each resampled seed"
+    if len(a) != len(b) or not a: raise ValueError(f"pair each seed of one arm with a seed of the other: got {len(a)} and {len(b)} tables")
+    rows = [per_photo(ta, metric) - per_photo(tb, metric) for ta, tb in zip(a, b)]
+    if any(list(r.index) != list(rows[0].index) or r.isna().any() for r in rows):
+        raise ValueError("the tables measure different photos: evaluate every seed of both arms on the same dataset")
+    D = np.stack([r.to_numpy() for r in rows])   # seeds x photos
+    S, P = D.shape
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, S, (n, S)) if S > 1 else np.zeros((n, 1), dtype=int)   # one seed: photos only
+    means = D[s[:, :, None], rng.integers(0, P, (n, S, P))].mean((1, 2))
+    lo, hi = np.quantile(means, [(1 - level)/2, (1 + level)/2])
+    return dict(metric=metric, mean=float(D.mean()), lo=float(lo), hi=float(hi), level=level, photos=P, seeds=S,
+                a_better=int((D.mean(0) > 0).sum()))
+
 def gate(arm:pd.DataFrame, baseline:pd.DataFrame, margin:float=0.5, metric:str='psnr')->dict:
     "Whether `arm` beats `baseline` (bicubic at its f) by `margin` on the held-out photos: mean ≥ margin and interval above 0"
     d = paired_difference(arm, baseline, metric)
@@ -95,20 +111,23 @@ def verdict(a:str, b:str,          # the arms; the paper expects `a` to be ahead
             runs:dict,             # arm -> list of per-image tables (one per seed, all on the same images)
             baseline:pd.DataFrame, # the same images through bicubic at the arms' f
             margin:float=0.5, metric:str='psnr',
-            ahead:str="the paper's direction", behind:str='against the paper')->dict:   # words for the two decided outcomes
-    "The study's answer: 'paper', 'opposite' or 'inconclusive', with a sentence computed from the numbers"
+            ahead:str="the paper's direction", behind:str='against the paper',   # words for the two decided outcomes
+            equivalence:float|None=None)->dict:   # a margin declared before the runs: an interval inside ±it is 'equivalent'
+    "The study's answer: 'paper', 'opposite', 'equivalent' or 'inconclusive', with a sentence computed from the numbers"
     mean_over_seeds = {k: v[0].assign(**{metric: np.mean([t[metric].to_numpy() for t in v], 0)}) for k, v in runs.items()}
     gates = {k: gate(t, baseline, margin, metric) for k, t in mean_over_seeds.items()}
     seeds = [paired_difference(ta, tb, metric)['mean'] for ta, tb in zip(runs[a], runs[b])]
-    d = paired_difference(mean_over_seeds[a], mean_over_seeds[b], metric)
+    d = seed_photo_difference(runs[a], runs[b], metric)
     out = dict(gates=gates, difference=d, seeds=seeds)
     under = [k for k, g in gates.items() if not g['passed']]
-    stat = (f"{a} − {b}: {d['mean']:+.2f} dB over {d['photos']} photos (95% interval {d['lo']:+.2f} to {d['hi']:+.2f}); "
-            f"per seed {', '.join(f'{s:+.2f}' for s in seeds)}")
-    if under:
+    if under:   # no difference between arms that have not learned more than bicubic: only how far each is from the gate
         far = '; '.join(f"{k} {gates[k]['mean']:+.2f} dB against bicubic, {gates[k]['short']:.2f} dB short of the +{margin} dB gate"
                         + ('' if gates[k]['lo'] > 0 else ' (interval includes 0)' if gates[k]['hi'] >= 0 else ' (interval below 0)') for k in under)
-        return out | dict(outcome='inconclusive', sentence=f"Inconclusive: under-trained ({far}). {stat}.")
+        return out | dict(outcome='inconclusive', sentence=f"Inconclusive: under-trained ({far}); no difference between the arms is claimed.")
+    stat = (f"{a} − {b}: {d['mean']:+.2f} dB over {d['photos']} photos and {d['seeds']} seed(s) (95% interval {d['lo']:+.2f} to "
+            f"{d['hi']:+.2f}, seeds then photos resampled); per seed {', '.join(f'{s:+.2f}' for s in seeds)}")
+    if equivalence is not None and -equivalence < d['lo'] and d['hi'] < equivalence:
+        return out | dict(outcome='equivalent', sentence=f"Equivalent within ±{equivalence} dB: {stat}.")
     agree = all(s > 0 for s in seeds) or all(s < 0 for s in seeds)
     if d['lo'] > 0 and agree: return out | dict(outcome='paper', sentence=f"{a} ahead of {b}, {ahead}: {stat}.")
     if d['hi'] < 0 and agree: return out | dict(outcome='opposite', sentence=f"{b} ahead of {a}, {behind}: {stat}.")
