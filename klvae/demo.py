@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from .config import get_settings, cpu_name, shown_path
 from .runs import inside, is_file, read_bytes, read_text, write_dir, write_file, write_text
-from .model import AutoencoderKL, PRESETS, architecture
+from .model import AutoencoderKL, PRESETS, VAEConfig, architecture
 from .metrics import evaluate, summarize, available_metrics, psnr
 from .baselines import baselines, paired_difference, compare_sentence, LATENT_COUNT
 from .data import EmbeddedPhotos, to_uint8
@@ -65,6 +65,11 @@ def loss_figure(log:pd.DataFrame,
                                          line=dict(dash='dash', color=('#d62728', '#7f7f7f', '#2ca02c')[j % 3])), row=r, col=c)
     return fig.update_layout(height=280*(-(-len(curves)//2)), margin=dict(t=40, b=20, l=50, r=20), legend=dict(orientation='h'))
 
+def _described(model:str, width:int)->str:
+    "The architecture of the model a run trained (its preset at its width), in full"
+    with torch.device('meta'): c = build_model(model, width).config
+    return architecture(c) if isinstance(c, VAEConfig) else repr(c)   # a VQ model: its whole config
+
 def _img(png:bytes)->str:
     return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" style="image-rendering:pixelated;width:100%">'
 
@@ -83,7 +88,7 @@ def training_report(run_dir:str|Path,            # a run folder written by `trai
     cfg, r, grids = info['config'], info['recipe'], sorted(p.name for p in inside(run, 'val').glob('step_*.png'))
     rows = log[log['trains'].notna()] if 'trains' in log else log.iloc[:0]
     facts = {'run folder': shown_path(run), 'model': f"{cfg['model']} ({info['vae_parameters']/1e6:.2f}M parameters)",
-             'architecture': architecture(PRESETS[cfg['model']]) if cfg['model'] in PRESETS else 'see the run folder',
+             'architecture': _described(cfg['model'], cfg['width']),
              'recipe': f"{r['name']}: {r['rec_loss']}" + (f" + {r['perceptual_weight']} LPIPS" if info['perceptual'].startswith('on') else
                        " (LPIPS term off, see below)") + f" + {r['kl_weight']} KL" + (f" + adaptive GAN ({r['disc_loss']}) from step {r['disc_start']}" if r['disc_start'] < cfg['steps']
                        else f" (no GAN: the discriminator would start at step {r['disc_start']}, after the last)"),

@@ -3,7 +3,7 @@
 Each test builds one hostile input found by the third adversarial review (issue 31) and checks that nothing outside the
 folder is created, changed or deleted (hashes of a victim folder before and after), that the error names the offending
 path, and that pages carry no markup from the data."""
-import hashlib, json, os, shutil, sys, warnings, zlib, struct
+import hashlib, json, os, shutil, struct, sys, zlib
 from pathlib import Path
 import pytest
 from conftest import run as run_cmd
